@@ -1,0 +1,198 @@
+"""The `pocketdiff` command line: one command per stage, plus `run` for whole recipes.
+
+Every user error is one line on stderr and exit status 2; commands whose stage is not built yet
+say so and exit 2 rather than pretend.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import pocketdiff
+
+from .errors import UserError
+
+app = typer.Typer(help="Compress text-to-image diffusion models and ship them to phones.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+zoo_app = typer.Typer(help="Train pocketdiff's embedded default model and its judge.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+console = Console()
+
+ModelArg = Annotated[str, typer.Argument(help="A local diffusers folder (pipeline or UNet), or 'default'.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.ckpt weights (runs pickle code).")]
+
+
+def _open(model: str, allow_pickle: bool = False):
+    from . import modelio
+
+    ref = modelio.open_model(model, allow_pickle)
+    if ref.random_weights:
+        console.print(modelio.RANDOM_WEIGHTS_NOTE)
+    return ref
+
+
+@app.command()
+def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+        runs: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override: KEY=VALUE or STAGE.FIELD=VALUE.")] = None):
+    """Run a recipe's stages in order into runs/<name>/, skipping stages already done with the same config."""
+    from .recipe import load_recipe
+    from .runner import run_recipe
+
+    parsed = load_recipe(recipe, set_ or [])
+    run_dir = run_recipe(parsed, runs, console)
+    console.print(f"run folder: {run_dir}")
+
+
+@app.command("inspect")
+def inspect_(model: ModelArg,
+             resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's own).")] = None,
+             json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the counts as JSON here ('-' for stdout).")] = None,
+             allow_pickle: AllowPickle = False):
+    """Parameters and MACs per block: conv+linear (BK-SDM's convention) and attention matmuls apart."""
+    from ..devices.macs import census_model
+
+    censuses = census_model(_open(model, allow_pickle), resolution)
+    if json_out == Path("-"):
+        print(json.dumps([c.to_json() for c in censuses], indent=2))
+        return
+    for census in censuses:
+        unit, scale = ("G", 1e9) if census.macs >= 1e9 else ("M", 1e6)
+        table = Table(title=f"{census.component}  input {tuple(census.input_shape)}")
+        for column in ("block", "params (M)", f"conv+linear MACs ({unit})", f"attention MACs ({unit})"):
+            table.add_column(column, justify="left" if column == "block" else "right", no_wrap=True)
+        for name, block in census.blocks.items():
+            table.add_row(name, f"{block.params / 1e6:.3f}", f"{block.macs / scale:.3f}", f"{block.attention_macs / scale:.3f}")
+        table.add_row("total", f"{census.params / 1e6:.2f}", f"{census.macs / scale:.2f}",
+                      f"{census.attention_macs / scale:.2f}", style="bold")
+        console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps([c.to_json() for c in censuses], indent=2))
+
+
+@app.command()
+def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
+             model: Annotated[str, typer.Option(help="Pipeline folder or 'default'.")] = "default",
+             steps: Annotated[int, typer.Option(min=1)] = 25,
+             guidance: Annotated[float, typer.Option(min=0.0)] = 7.5,
+             seed: int = 0,
+             out: Annotated[Path, typer.Option(help="Output folder for PNGs.")] = Path("generated"),
+             grid: Annotated[bool, typer.Option(help="Also write a labelled grid.png.")] = False,
+             allow_pickle: AllowPickle = False):
+    """Text → image PNGs (prompt i uses seed + i)."""
+    from . import modelio
+    from .generate import generate_images, labelled_grid, save_images
+
+    pipe = modelio.load_pipeline(_open(model, allow_pickle))
+    images = generate_images(pipe, prompt, steps, guidance, seed)
+    for path in save_images(images, prompt, out, seed):
+        console.print(str(path))
+    if grid:
+        labelled_grid(images, prompt, title=f"{model}: {steps} steps, guidance {guidance:g}").save(out / "grid.png")
+        console.print(str(out / "grid.png"))
+
+
+@app.command()
+def evaluate(model: ModelArg = "default",
+             split: Annotated[str, typer.Option(help="Prompts from 'validation', 'train' or 'both'.")] = "validation",
+             prompts: Annotated[int, typer.Option(help="Number of seeded prompts per split.")] = 256,
+             steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "25",
+             guidance: Annotated[str, typer.Option(help="Comma-separated guidance scales.")] = "7.5",
+             judge: Annotated[str, typer.Option(help="'default' or a local CLIPModel folder.")] = "default",
+             seed: int = 0,
+             json_out: Annotated[Optional[Path], typer.Option("--json", help="Write scores as JSON here.")] = None):
+    """Judge scores: prompt score, Fréchet distance and caption retrieval, with the real images as ceiling."""
+    from pydantic import ValidationError
+
+    from . import modelio
+    from .evaluate import load_judge
+    from .stages import EvaluateConfig, evaluate_model
+
+    try:
+        config = EvaluateConfig(split=split, prompts=prompts, judge=judge,
+                                steps=[int(s) for s in steps.split(",")],
+                                guidance=[float(g) for g in guidance.split(",")])
+    except (ValueError, ValidationError) as err:
+        raise UserError(f"evaluate: {str(err).splitlines()[0]}") from None
+    pipe = modelio.load_pipeline(_open(model))
+    results = evaluate_model(pipe, load_judge(config.judge), config, seed, log=console.print)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@zoo_app.command("train-default")
+def train_default(out: Annotated[Path, typer.Option(help="Where the pipeline folder goes.")] = Path("default-model"),
+                  quick: Annotated[bool, typer.Option(help="Seconds-long run on 64 images (tests, smoke checks).")] = False,
+                  seed: int = 0):
+    """Train the embedded default from its seed: tokenizer, VAE, then UNet with its text encoder. Resumes."""
+    from ..distill.zoo import DefaultTrainConfig
+    from ..distill.zoo import train_default as train
+
+    config = DefaultTrainConfig.quick(seed) if quick else DefaultTrainConfig(seed=seed)
+    console.print(f"pipeline folder: {train(out, config)}")
+
+
+@zoo_app.command("train-judge")
+def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder goes.")] = Path("judge"),
+                steps: int = 500, quick: bool = False):
+    """Train the contrastive judge (separately from the teacher) on the training split. Resumes."""
+    from ..distill.judge import train_judge as train
+
+    train(out, steps=4 if quick else steps, batch=32 if quick else 128, subset=64 if quick else None)
+    console.print(f"judge folder: {out}")
+
+
+_NOT_BUILT = {
+    "prune": ("Prune UNet layers (BK-SDM presets, one-shot layer pruning).", 4),
+    "distill": ("Knowledge distillation and step distillation.", 6),
+    "quantize": ("Quantization-aware training per export target.", 8),
+    "export": ("Export to ONNX, ExecuTorch and Core ML with parity checks.", 5),
+    "profile": ("Latency profiling on the host and devices.", 9),
+    "sweep": ("Pruning sweeps with Pareto plots.", 10),
+    "report": ("HTML / Markdown report of a run.", 10),
+}
+
+
+def _not_built(name: str, summary: str, issue: int):
+    def command(args: Annotated[Optional[list[str]], typer.Argument(help="Arguments (not parsed yet).")] = None):
+        raise UserError(f"'{name}' is not built yet (issue #{issue}); nothing was run")
+
+    command.__doc__ = f"{summary} Not built yet (issue #{issue})."
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+
+
+for _name, (_summary, _issue) in _NOT_BUILT.items():
+    _not_built(_name, _summary, _issue)
+
+
+@app.callback()
+def _version(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False):
+    if version:
+        console.print(pocketdiff.__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(2)
+        raise

@@ -1,0 +1,139 @@
+"""Run a recipe: a short loop over stages, each writing `runs/<name>/<NN>-<stage>/` and its manifest.
+
+A stage whose manifest says done, with the same config hash and input hash, is skipped; one that
+died (status `running` or `failed`) runs again, and finds its own checkpoint in its folder, so
+training stages pick up where they stopped. A stage that produces a model writes a diffusers folder
+into its stage folder; that folder is the next stage's input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+
+from . import modelio
+from .recipe import Recipe, stage_folder_name
+
+MANIFEST = "manifest.json"
+_MODEL_SUFFIXES = {".json", ".safetensors", ".txt", ".bin"}
+_VERSIONED = ("pocketdiff", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch",
+              "coremltools", "nncf", "brevitas", "accelerate")
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets besides its config."""
+
+    model: modelio.ModelRef  # the input model
+    out: Path  # the stage folder: write outputs (and a diffusers model, for producing stages) here
+    seed: int
+    console: Console = field(default_factory=Console)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+
+@dataclass
+class StageResult:
+    metrics: dict = field(default_factory=dict)
+    produced_model: bool = False
+
+
+def hash_model_folder(path: Path) -> str:
+    """sha256 over a model folder's configs and weights (not manifests, logs or checkpoints)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if file.name == MANIFEST or relative.parts[0] == "checkpoint" or file.suffix not in _MODEL_SUFFIXES:
+            continue
+        digest.update(str(relative).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def config_hash(stage: str, config: dict, seed: int) -> str:
+    payload = json.dumps({"stage": stage, "config": config, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write through a temporary file, so a kill never leaves a half-written manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(folder / MANIFEST)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console | None = None) -> Path:
+    """Execute the recipe's stages in order; returns the run folder."""
+    from .stages import STAGES
+
+    console = console or Console()
+    run_dir = Path(runs_root) / recipe.name
+    model = modelio.open_model(recipe.model)
+    if model.random_weights:
+        console.print(modelio.RANDOM_WEIGHTS_NOTE)
+    for index, spec in enumerate(recipe.stages, 1):
+        out = run_dir / stage_folder_name(index, spec.name)
+        config = spec.config.model_dump(mode="json")
+        expected = {"config_hash": config_hash(spec.name, config, recipe.seed),
+                    "input_hash": hash_model_folder(model.path)}
+        previous = read_manifest(out) or {}
+        if previous.get("status") == "done" and all(previous.get(k) == v for k, v in expected.items()):
+            console.print(f"[dim]{out.name}: done before with the same config and input; skipped[/dim]")
+            if previous.get("produced_model"):
+                model = modelio.open_model(out)
+            continue
+        manifest = {
+            "stage": spec.name, "index": index, "recipe": recipe.source, "config": config, **expected,
+            "input": str(model.path), "seed": recipe.seed, "versions": package_versions(),
+            "attempt": previous.get("attempt", 0) + 1, "status": "running", "started_at": _now(),
+        }
+        write_manifest(out, manifest)
+        console.print(f"[bold]{out.name}[/bold] (attempt {manifest['attempt']})")
+        began = time.perf_counter()
+        try:
+            result = STAGES[spec.name].run(spec.config, StageContext(model, out, recipe.seed, console))
+        except BaseException as err:
+            manifest.update(status="failed", error=f"{type(err).__name__}: {err}",
+                            wall_time_s=round(time.perf_counter() - began, 3), finished_at=_now())
+            write_manifest(out, manifest)
+            raise
+        manifest.update(status="done", metrics=result.metrics, produced_model=result.produced_model,
+                        wall_time_s=round(time.perf_counter() - began, 3), finished_at=_now())
+        write_manifest(out, manifest)
+        if result.produced_model:
+            model = modelio.open_model(out)
+    return run_dir

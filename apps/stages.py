@@ -1,0 +1,102 @@
+"""The stage table: every recipe stage is one typed function with one pydantic config.
+
+Stages that later work adds (prune, kd, steps, quantize, export, profile, report) register here
+the same way; the runner and the recipe parser read only this table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .runner import StageContext, StageResult
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerateConfig(StageConfig):
+    """Images for fixed prompts and seeds, saved as PNGs and one labelled grid."""
+
+    prompts: list[str] = Field(min_length=1)
+    steps: int = Field(25, ge=1)
+    guidance: float = Field(7.5, ge=0)
+
+
+class EvaluateConfig(StageConfig):
+    """Judge scores over seeded prompt sets, at every (steps, guidance) pair asked for."""
+
+    split: Literal["validation", "train", "both"] = "validation"
+    prompts: int = Field(256, ge=8)
+    steps: list[int] = Field(default_factory=lambda: [25], min_length=1)
+    guidance: list[float] = Field(default_factory=lambda: [7.5], min_length=1)
+    judge: str = "default"
+
+
+def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
+    import time
+
+    from . import modelio
+    from .generate import generate_images, labelled_grid, save_images
+
+    pipe = modelio.load_pipeline(ctx.model)
+    began = time.perf_counter()
+    images = generate_images(pipe, config.prompts, config.steps, config.guidance, ctx.seed)
+    seconds = time.perf_counter() - began
+    save_images(images, config.prompts, ctx.out / "images", ctx.seed)
+    title = f"{ctx.model.path.name}: {config.steps} steps, guidance {config.guidance}, seeds {ctx.seed}+i"
+    labelled_grid(images, config.prompts, title=title).save(ctx.out / "grid.png")
+    return StageResult({"images": len(images), "seconds_per_image": round(seconds / len(images), 4)})
+
+
+def evaluate_model(pipe, judge, config: EvaluateConfig, seed: int, log=print) -> dict:
+    """Scores of the real images (the ceiling) and of the model at every steps × guidance setting."""
+    from .evaluate import prompt_set, score
+    from .generate import generate_images
+
+    splits = ["validation", "train"] if config.split == "both" else [config.split]
+    results = {}
+    for split in splits:
+        prompts = prompt_set(split, config.prompts)
+        results[f"{split}/real"] = score(judge, prompts.images, prompts)
+        log(f"{split} real images: {_fmt(results[f'{split}/real'])}")
+        for guidance in config.guidance:
+            for steps in config.steps:
+                images = generate_images(pipe, prompts.captions, steps, guidance, seed)
+                key = f"{split}/steps={steps}/guidance={guidance:g}"
+                results[key] = score(judge, images, prompts)
+                log(f"{key}: {_fmt(results[key])}")
+    return results
+
+
+def _fmt(scores: dict) -> str:
+    return (f"prompt score {scores['prompt_score']:.4f}, Fréchet {scores['frechet_distance']:.3f}, "
+            f"retrieval {scores['retrieval_accuracy']:.3f}")
+
+
+def run_evaluate(config: EvaluateConfig, ctx: StageContext) -> StageResult:
+    from . import modelio
+    from .evaluate import load_judge
+
+    results = evaluate_model(modelio.load_pipeline(ctx.model), load_judge(config.judge), config, ctx.seed,
+                             log=ctx.console.print)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    (ctx.out / "scores.json").write_text(json.dumps(results, indent=2))
+    return StageResult(results)
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: type[StageConfig]
+    run: Callable[[StageConfig, StageContext], StageResult]
+
+
+STAGES: dict[str, Stage] = {
+    "generate": Stage(GenerateConfig, run_generate),
+    "evaluate": Stage(EvaluateConfig, run_evaluate),
+}

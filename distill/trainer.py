@@ -1,0 +1,187 @@
+"""The training loop every pocketdiff stage shares (default-model training, KD, step distillation, QAT).
+
+Determinism is by construction: the batch and every random draw of step `k` come from
+`batch_for(k)` and a generator seeded with `(seed, k)`, so a run killed at any moment and resumed
+from its last checkpoint ends with exactly the weights of an uninterrupted run. accelerate places
+the models and wraps backward, so the same code runs on the CPU, one GPU or many
+(`accelerate launch`), with bf16 autocast where the hardware has it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 elsewhere; or "no", "bf16"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss went NaN or inf; the last good checkpoint is kept on disk."""
+
+
+LossFn = Callable[[dict, torch.Generator], dict[str, torch.Tensor]]
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random stream of one step, the same whether or not the run was resumed."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def _lr_factor(step: int, config: TrainConfig) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Optimises `model` on `loss_fn(batch_for(step), generator)` for `config.steps` steps.
+
+    `loss_fn` returns a dict of named scalar terms; 'loss' is the one optimised, every term is
+    logged to `out/log.csv`. Checkpoints (`out/checkpoint/`) hold model, EMA, optimizer and the
+    step; the LR schedule and data position are functions of the step.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn, batch_for: Callable[[int], dict],
+                 config: TrainConfig, out: Path, description: str = "training"):
+        from accelerate import Accelerator
+
+        precision = config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "no"
+        self.accelerator = Accelerator(mixed_precision=precision)
+        self.config, self.out, self.description = config, Path(out), description
+        self.loss_fn, self.batch_for = loss_fn, batch_for
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.ema = ({name: p.detach().clone().float() for name, p in self._named_trainable()}
+                    if config.ema_decay > 0 else None)
+        self.step = 0
+        self._resume()
+
+    def _named_trainable(self):
+        return [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def _resume(self) -> None:
+        folder = self.checkpoint_dir
+        if not (folder / "state.pt").exists():
+            return
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema = {k: v.to(self.accelerator.device) for k, v in load_file(folder / "ema.safetensors").items()}
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint beside the old one, then swap, so a kill never leaves half a checkpoint."""
+        if not self.accelerator.is_main_process:
+            return
+        tmp = self.out / "checkpoint.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        save_file({k: v.contiguous() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
+        if self.ema is not None:
+            save_file(self.ema, tmp / "ema.safetensors")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / "state.pt")
+        old = self.out / "checkpoint.old"
+        if self.checkpoint_dir.exists():
+            self.checkpoint_dir.rename(old)
+        tmp.rename(self.checkpoint_dir)
+        if old.exists():
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights (or the live ones where EMA is off), as a full state dict."""
+        state = {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+        if self.ema is not None:
+            state.update({k: v.to(state[k].dtype) for k, v in self.ema.items()})
+        return state
+
+    def _log(self, row: dict) -> None:
+        path = self.out / "log.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def run(self) -> "Trainer":
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        config, device = self.config, self.accelerator.device
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        started, done_at_start = time.perf_counter(), self.step
+        columns = [TextColumn(self.description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
+        with Progress(*columns, disable=not self.accelerator.is_main_process) as progress:
+            task = progress.add_task(self.description, total=config.steps, completed=self.step, status="")
+            while self.step < config.steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = config.lr * _lr_factor(self.step, config)
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.batch_for(self.step).items()}
+                with self.accelerator.autocast():
+                    terms = self.loss_fn(batch, step_generator(config.seed, self.step, device))
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"{self.description}: loss is {loss.item()} at step {self.step}; "
+                        f"the last good checkpoint is kept in {self.checkpoint_dir}")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.accelerator.backward(loss)
+                if config.grad_clip:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                self.optimizer.step()
+                if self.ema is not None:
+                    with torch.no_grad():
+                        for name, p in self._named_trainable():
+                            self.ema[name].lerp_(p.detach().float(), 1.0 - config.ema_decay)
+                self.step += 1
+                if self.step % config.log_every == 0 or self.step == config.steps:
+                    rate = (self.step - done_at_start) * _batch_size(batch) / (time.perf_counter() - started)
+                    values = {k: float(v.detach()) for k, v in terms.items()}
+                    progress.update(task, completed=self.step,
+                                    status=f"loss {values['loss']:.4f}  {rate:.0f} samples/s")
+                    if self.accelerator.is_main_process:
+                        self._log({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+                                   "samples_per_s": round(rate, 2), **values})
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                    self.save_checkpoint()
+        return self
+
+
+def _batch_size(batch: dict) -> int:
+    for value in batch.values():
+        if torch.is_tensor(value):
+            return value.shape[0]
+    return 1

@@ -1,0 +1,228 @@
+"""Train pocketdiff's embedded default: a small model with Stable Diffusion's exact component structure.
+
+The teacher is a stock diffusers `StableDiffusionPipeline` folder (CLIP tokenizer, CLIPTextModel,
+AutoencoderKL, UNet2DConditionModel with SD's block types, a scheduler), scaled down so it trains
+on a CPU. Training runs in phases (tokenizer → VAE → latents → UNet with its text encoder), each
+resumable: a finished phase is recognised by its saved output, an interrupted one restarts from its
+last checkpoint. Every number comes from the seed, so the shipped weights can be reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from . import data, tokenizer
+from .trainer import Trainer, TrainConfig
+
+RESOLUTION = 32
+CAPTION_DROPOUT = 0.1  # empty-prompt training so classifier-free guidance works
+
+
+class DefaultTrainConfig(BaseModel):
+    """Budgets of each phase; `quick()` is the seconds-long variant the tests run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    vae_steps: int = 500
+    vae_batch: int = 64
+    vae_lr: float = 1e-3
+    unet_steps: int = 1200
+    unet_batch: int = 128
+    unet_lr: float = 3e-4
+    ema_decay: float = 0.995
+    subset: int | None = None  # train on the first N training images only (tests)
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "DefaultTrainConfig":
+        return cls(seed=seed, vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, subset=64)
+
+
+def text_encoder_config(vocab: dict[str, int]):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=128, hidden_act="quick_gelu",
+        bos_token_id=vocab[tokenizer.BOS], eos_token_id=vocab[tokenizer.EOS], pad_token_id=vocab[tokenizer.EOS],
+    )
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+    )
+
+
+def build_unet():
+    """SD-1.x's UNet layout (3 cross-attention stages + 1 plain, mid block, 2 layers per block) at 1/10 width."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 128, 128), attention_head_dim=4, cross_attention_dim=128,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+
+
+def scheduler_config() -> dict:
+    """SD-1.x's noise schedule; DDIM with trailing spacing so that 1–4 step sampling starts at t=999."""
+    return {
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+        "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "trailing",
+    }
+
+
+def _training_set(config: DefaultTrainConfig) -> data.EmojiSet:
+    train = data.load_emoji(RESOLUTION, "train")
+    return train.subset(np.arange(config.subset)) if config.subset else train
+
+
+def _batches(n: int, batch: int, seed: int):
+    """Index batches as a function of the step: a seeded permutation per epoch, no state to save."""
+    per_epoch = max(1, n // batch)
+
+    def indices(step: int) -> np.ndarray:
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        return order[position * batch:(position + 1) * batch]
+
+    return indices
+
+
+def train_vae(images: torch.Tensor, config: DefaultTrainConfig, work: Path):
+    vae = build_vae()
+    pick = _batches(len(images), config.vae_batch, config.seed)
+
+    def loss_fn(batch, generator):
+        posterior = vae.encode(batch["x"]).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator,
+                                                           device=posterior.mean.device)
+        recon = vae.decode(z).sample
+        l1 = (recon - batch["x"]).abs().mean()
+        mse = (recon - batch["x"]).pow(2).mean()
+        kl = posterior.kl().mean() / batch["x"][0].numel()
+        return {"loss": l1 + mse + 1e-4 * kl, "l1": l1, "mse": mse, "kl": kl}
+
+    train_config = TrainConfig(steps=config.vae_steps, lr=config.vae_lr, warmup_steps=min(50, config.vae_steps // 10),
+                               checkpoint_every=100, seed=config.seed)
+    trainer = Trainer(vae, loss_fn, lambda step: {"x": images[pick(step)]}, train_config, work / "vae", "vae").run()
+    vae.load_state_dict(trainer.ema_state_dict())
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        dist = vae.encode(images[start:start + batch]).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+class TextToImage(torch.nn.Module):
+    """The UNet and its text encoder, optimised together (the text encoder is trained from scratch)."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+
+def train_unet(latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], tok, vae_scale: float,
+               config: DefaultTrainConfig, work: Path):
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTextModel
+
+    model = TextToImage(build_unet(), CLIPTextModel(text_encoder_config(tok.get_vocab())))
+    noise_schedule = DDPMScheduler.from_config(scheduler_config())
+    alphas = noise_schedule.alphas_cumprod
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    mean, std = latents
+    pick = _batches(len(captions), config.unet_batch, config.seed)
+
+    def batch_for(step):
+        index = pick(step)
+        return {"mean": mean[index], "std": std[index], "ids": ids[index]}
+
+    def loss_fn(batch, generator):
+        device = batch["mean"].device
+        shape = batch["mean"].shape
+        z = (batch["mean"] + batch["std"] * torch.randn(shape, generator=generator, device=device)) * vae_scale
+        drop = torch.rand(shape[0], generator=generator, device=device) < CAPTION_DROPOUT
+        input_ids = torch.where(drop[:, None], empty.to(device), batch["ids"])
+        t = torch.randint(0, len(alphas), (shape[0],), generator=generator, device=device)
+        noise = torch.randn(shape, generator=generator, device=device)
+        a = alphas.to(device)[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        text = model.text_encoder(input_ids).last_hidden_state
+        pred = model.unet(noisy, t, text).sample
+        return {"loss": (pred.float() - noise).pow(2).mean()}
+
+    train_config = TrainConfig(steps=config.unet_steps, lr=config.unet_lr, warmup_steps=min(100, config.unet_steps // 10),
+                               ema_decay=config.ema_decay, checkpoint_every=100, seed=config.seed)
+    trainer = Trainer(model, loss_fn, batch_for, train_config, work / "unet", "unet").run()
+    model.load_state_dict(trainer.ema_state_dict())
+    return model.unet.eval(), model.text_encoder.eval()
+
+
+def train_default(out: Path, config: DefaultTrainConfig, work: Path | None = None) -> Path:
+    """Train every component and write a stock `StableDiffusionPipeline` folder (fp16 safetensors) to `out`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    work = Path(work) if work else out.with_name(out.name + ".work")
+    torch.manual_seed(config.seed)
+    timings: dict[str, float] = {}
+    train = _training_set(config)
+    images = train.tensors()
+
+    began = time.perf_counter()
+    tokenizer.build_clip_tokenizer_files(data.load_emoji(RESOLUTION, "train").captions, work / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
+    timings["tokenizer_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    if (work / "vae_final" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(work / "vae_final", torch_dtype=torch.float32).eval()
+    else:
+        vae = train_vae(images, config, work)
+        mean, std = encode_latents(vae, images)
+        sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(config.seed))
+        vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+        vae.save_pretrained(work / "vae_final")
+    timings["vae_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    latents = encode_latents(vae, images)
+    unet, text_encoder = train_unet(latents, train.captions, tok, vae.config.scaling_factor, config, work)
+    timings["unet_s"] = time.perf_counter() - began
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,
+        scheduler=DDIMScheduler.from_config(scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    for name in ("vocab.json", "merges.txt"):  # CLIP's own files, which Apple's Swift tokenizer reads
+        shutil.copy(work / "tokenizer" / name, out / "tokenizer" / name)
+    record = {"config": config.model_dump(), "train_images": len(train), "timings": timings,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    return out

@@ -1,0 +1,82 @@
+"""Shared fixtures: real (tiny) diffusers models built from configs, saved as local folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import pocketdiff  # noqa: F401  (sets offline mode before diffusers is imported)
+
+CAPTIONS = ["red apple", "green apple", "grinning face", "dog face", "rocket", "snowman", "ghost", "rainbow"]
+
+
+def tiny_unet_config(**overrides) -> dict:
+    config = {
+        "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+        "layers_per_block": 1, "block_out_channels": [32, 64], "attention_head_dim": 2, "cross_attention_dim": 32,
+        "norm_num_groups": 32, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    config.update(overrides)
+    return config
+
+
+def build_tiny_pipeline(folder: Path) -> Path:
+    """A complete StableDiffusionPipeline folder with random (seeded) weights, 32 px images."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from pocketdiff.distill.tokenizer import build_clip_tokenizer_files
+    from pocketdiff.distill.zoo import scheduler_config
+
+    torch.manual_seed(0)
+    tok_dir = build_clip_tokenizer_files(CAPTIONS, folder.parent / f"{folder.name}-tokenizer")
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    vocab = tok.get_vocab()
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
+                                        pad_token_id=vocab["<|endoftext|>"]))
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, sample_size=32)
+    unet = UNet2DConditionModel.from_config(tiny_unet_config())
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler.from_config(scheduler_config()),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-pipeline")
+
+
+@pytest.fixture
+def sd15_unet_folder(tmp_path) -> Path:
+    """SD-1.5's UNet config alone (diffusers' published values): architecture, no weights."""
+    config = {
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    folder = tmp_path / "sd15-unet"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def quick_judge(tmp_path_factory) -> Path:
+    """A judge trained for a few steps on 64 images: real weights, real interface, no quality."""
+    from pocketdiff.distill.judge import train_judge
+
+    folder = tmp_path_factory.mktemp("judge") / "judge"
+    train_judge(folder, steps=4, batch=32, subset=64)
+    return folder

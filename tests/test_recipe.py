@@ -1,0 +1,75 @@
+"""Recipes: validated per stage, unknown keys rejected, errors naming the field and the line."""
+
+from pathlib import Path
+
+import pytest
+
+from pocketdiff.apps.errors import UserError
+from pocketdiff.apps.recipe import load_recipe, parse_recipe
+from pocketdiff.apps.stages import EvaluateConfig, GenerateConfig
+
+GOOD = """\
+name: demo
+model: default
+seed: 3
+stages:
+  - generate:
+      prompts: [red apple]
+      steps: 4
+  - evaluate: {prompts: 64, steps: [1, 4]}
+"""
+
+
+def test_valid_recipe_gives_typed_configs():
+    recipe = parse_recipe(GOOD, "demo.yaml")
+    assert (recipe.name, recipe.model, recipe.seed) == ("demo", "default", 3)
+    assert [s.name for s in recipe.stages] == ["generate", "evaluate"]
+    assert recipe.stages[0].config == GenerateConfig(prompts=["red apple"], steps=4)
+    assert isinstance(recipe.stages[1].config, EvaluateConfig) and recipe.stages[1].config.steps == [1, 4]
+
+
+def test_unknown_stage_key_names_field_and_line():
+    with pytest.raises(UserError) as err:
+        parse_recipe(GOOD.replace("      steps: 4", "      stepz: 4"), "demo.yaml")
+    assert "demo.yaml:7: stages.0.generate.stepz: Extra inputs are not permitted" in str(err.value)
+
+
+def test_wrong_type_names_value_line():
+    with pytest.raises(UserError) as err:
+        parse_recipe(GOOD.replace("steps: 4", "steps: four"), "demo.yaml")
+    assert str(err.value).startswith("demo.yaml:7: stages.0.generate.steps:")
+
+
+def test_unknown_top_level_key_and_missing_name():
+    with pytest.raises(UserError, match=r"demo.yaml:1: name: Field required.*demo.yaml:8: sed: Extra inputs"):
+        parse_recipe(GOOD.replace("name: demo\n", "") + "sed: 1\n", "demo.yaml")
+
+
+def test_unknown_stage_lists_built_ones():
+    with pytest.raises(UserError, match=r"demo.yaml:5: stages.0.generat: unknown stage \(built so far: evaluate, generate"):
+        parse_recipe(GOOD.replace("- generate:", "- generat:"), "demo.yaml")
+
+
+def test_invalid_yaml_names_line():
+    with pytest.raises(UserError, match=r"demo.yaml:\d+: not valid YAML"):
+        parse_recipe("name: [unclosed\nstages: 1\n", "demo.yaml")
+
+
+def test_overrides_set_stage_fields_and_top_level():
+    recipe = parse_recipe(GOOD, "demo.yaml", ["generate.steps=2", "seed=9", "evaluate.guidance=[1.0, 3.0]"])
+    assert recipe.stages[0].config.steps == 2 and recipe.seed == 9
+    assert recipe.stages[1].config.guidance == [1.0, 3.0]
+    with pytest.raises(UserError, match="no stage named 'prune'"):
+        parse_recipe(GOOD, "demo.yaml", ["prune.target=0.5"])
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_recipe(GOOD, "demo.yaml", ["seed"])
+
+
+def test_shipped_recipes_parse():
+    for path in sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml")):
+        assert load_recipe(path).stages
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(UserError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")

@@ -1,0 +1,76 @@
+"""The recipe runner: stage folders with manifests, skip when unchanged, rerun when changed or failed."""
+
+import json
+
+import pytest
+from rich.console import Console
+
+from pocketdiff.apps.errors import UserError
+from pocketdiff.apps.recipe import parse_recipe
+from pocketdiff.apps.runner import hash_model_folder, read_manifest, run_recipe
+
+RECIPE = """\
+name: tiny
+model: {model}
+seed: 5
+stages:
+  - generate: {{prompts: [red apple, ghost], steps: 2}}
+"""
+
+
+def _run(text, runs):
+    console = Console(record=True, width=200)
+    run_dir = run_recipe(parse_recipe(text, "tiny.yaml"), runs, console)
+    return run_dir, console.export_text()
+
+
+def test_stage_writes_outputs_and_manifest(tiny_pipeline, tmp_path):
+    run_dir, _ = _run(RECIPE.format(model=tiny_pipeline), tmp_path)
+    stage = run_dir / "01-generate"
+    manifest = read_manifest(stage)
+    assert manifest["status"] == "done" and manifest["stage"] == "generate" and manifest["seed"] == 5
+    assert manifest["input_hash"] == hash_model_folder(tiny_pipeline)
+    assert manifest["config"]["prompts"] == ["red apple", "ghost"]
+    assert manifest["versions"]["torch"] and manifest["versions"]["diffusers"] == "0.42.1"
+    assert manifest["wall_time_s"] > 0 and manifest["metrics"]["images"] == 2
+    assert len(list((stage / "images").glob("*.png"))) == 2 and (stage / "grid.png").exists()
+
+
+def test_rerun_skips_then_config_change_reruns(tiny_pipeline, tmp_path):
+    text = RECIPE.format(model=tiny_pipeline)
+    run_dir, _ = _run(text, tmp_path)
+    first = read_manifest(run_dir / "01-generate")
+    _, output = _run(text, tmp_path)
+    assert "skipped" in output
+    assert read_manifest(run_dir / "01-generate") == first
+    _run(text.replace("steps: 2", "steps: 3"), tmp_path)
+    changed = read_manifest(run_dir / "01-generate")
+    assert changed["attempt"] == 2 and changed["config_hash"] != first["config_hash"]
+
+
+def test_input_change_reruns(tiny_pipeline, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    run_dir, _ = _run(RECIPE.format(model=model), tmp_path / "runs")
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    config["beta_end"] = 0.02
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    _, output = _run(RECIPE.format(model=model), tmp_path / "runs")
+    assert "skipped" not in output and read_manifest(run_dir / "01-generate")["attempt"] == 2
+
+
+def test_failed_stage_is_recorded_and_retried(tiny_pipeline, quick_judge, tmp_path):
+    def text(judge):
+        return RECIPE.format(model=tiny_pipeline) + f"  - evaluate: {{prompts: 8, steps: [1], judge: {judge}}}\n"
+
+    with pytest.raises(UserError, match="no judge here"):
+        _run(text(tmp_path / "no-judge"), tmp_path)
+    failed = read_manifest(tmp_path / "tiny" / "02-evaluate")
+    assert failed["status"] == "failed" and "no judge here" in failed["error"]
+    _, output = _run(text(quick_judge), tmp_path)
+    assert "01-generate: done before" in output
+    retried = read_manifest(tmp_path / "tiny" / "02-evaluate")
+    assert retried["status"] == "done" and retried["attempt"] == 2
+    assert 0 <= retried["metrics"]["validation/steps=1/guidance=7.5"]["retrieval_accuracy"] <= 1

@@ -78,6 +78,33 @@ def inspect_(model: ModelArg,
 
 
 @app.command()
+def prune(model: ModelArg,
+          out: Annotated[Path, typer.Option(help="Folder for the pruned model (diffusers format).")],
+          preset: Annotated[Optional[str], typer.Option(help="BK-SDM preset: bk-base, bk-small or bk-tiny.")] = None,
+          target: Annotated[Optional[str], typer.Option(help="Automatic pruning to a target, e.g. params=0.5.")] = None,
+          allow_pickle: AllowPickle = False):
+    """Remove UNet blocks (BK-SDM presets) and save a model stock diffusers loads, with a report."""
+    from ..compress.prune import prune_preset
+
+    if target is not None:
+        raise UserError("automatic one-shot pruning (--target) is not built yet (issue #4); use --preset")
+    if preset is None:
+        raise UserError("prune needs --preset bk-base|bk-small|bk-tiny")
+    report = prune_preset(_open(model, allow_pickle), preset, out)
+    (out / "prune_report.json").write_text(json.dumps(report, indent=2))
+    table = Table(title=f"{preset}: removed {len(report['removed'])} layers")
+    for column in ("", "before", "after", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    for label, key, scale in (("params (M)", "params", 1e6), ("conv+linear MACs (G)", "macs", 1e9),
+                              ("attention MACs (G)", "attention_macs", 1e9)):
+        before, after = report[f"{key}_before"], report[f"{key}_after"]
+        table.add_row(label, f"{before / scale:.3f}", f"{after / scale:.3f}", f"{after / max(before, 1):.3f}")
+    console.print(table)
+    console.print("removed: " + ", ".join(report["removed"]))
+    console.print(f"pruned model: {out}  (report: {out / 'prune_report.json'})")
+
+
+@app.command()
 def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for several.")],
              model: Annotated[str, typer.Option(help="Pipeline folder or 'default'.")] = "default",
              steps: Annotated[int, typer.Option(min=1)] = 25,
@@ -150,7 +177,6 @@ def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder g
 
 
 _NOT_BUILT = {
-    "prune": ("Prune UNet layers (BK-SDM presets, one-shot layer pruning).", 4),
     "distill": ("Knowledge distillation and step distillation.", 6),
     "quantize": ("Quantization-aware training per export target.", 8),
     "export": ("Export to ONNX, ExecuTorch and Core ML with parity checks.", 5),

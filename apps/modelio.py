@@ -38,6 +38,10 @@ class ModelRef:
     def unet_path(self) -> Path:
         return self.path / "unet" if self.kind == "pipeline" else self.path
 
+    @property
+    def unet_has_weights(self) -> bool:
+        return any(p.suffix in (".safetensors", *_PICKLE_SUFFIXES) for p in self.unet_path.iterdir())
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -99,7 +103,7 @@ def load_unet(ref: ModelRef, device: str | torch.device = "cpu"):
     from diffusers import UNet2DConditionModel
 
     folder = ref.unet_path
-    if ref.random_weights and not any(folder.glob("*.safetensors")):
+    if not ref.unet_has_weights:
         torch.manual_seed(0)
         return UNet2DConditionModel.from_config(_read_json(folder / "config.json")).to(device).eval()
     try:

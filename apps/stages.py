@@ -38,6 +38,21 @@ class EvaluateConfig(StageConfig):
     judge: str = "default"
 
 
+class PruneConfig(StageConfig):
+    """BK-SDM block removal; the pruned model is this stage's output folder."""
+
+    preset: Literal["bk-base", "bk-small", "bk-tiny"]
+
+
+def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
+    from ..compress.prune import prune_preset
+
+    report = prune_preset(ctx.model, config.preset, ctx.out)
+    (ctx.out / "prune_report.json").write_text(json.dumps(report, indent=2))
+    keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
+    return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
+
+
 def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
     import time
 
@@ -97,6 +112,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
+    "prune": Stage(PruneConfig, run_prune),
     "generate": Stage(GenerateConfig, run_generate),
     "evaluate": Stage(EvaluateConfig, run_evaluate),
 }

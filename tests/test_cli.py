@@ -1,0 +1,44 @@
+"""The command line: help everywhere, honest refusals for stages not built, README and CI in step."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pocketdiff.apps.cli import _NOT_BUILT, app
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["run", "inspect", "generate", "evaluate", "zoo", "zoo train-default", "zoo train-judge", *_NOT_BUILT]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_unbuilt_stage_says_so_and_exits_2():
+    result = subprocess.run(["pocketdiff", "quantize", "default", "--backend", "xnnpack"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: 'quantize' is not built yet (issue #8); nothing was run"
+
+
+def test_bad_recipe_exits_2_with_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - generate: {prompts: [a], bogus: 1}\n")
+    result = subprocess.run(["pocketdiff", "run", str(recipe)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {recipe}:3: stages.0.generate.bogus: Extra inputs are not permitted"
+
+
+def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Set up and run\n.*?```(?:bash|sh)\n(.*?)```", readme, re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert len(commands) == 2
+    assert "pocketdiff run recipes/quickstart.yaml" in commands[0]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [commands[1]]

@@ -91,7 +91,6 @@ def prune(model: ModelArg,
     if preset is None:
         raise UserError("prune needs --preset bk-base|bk-small|bk-tiny")
     report = prune_preset(_open(model, allow_pickle), preset, out)
-    (out / "prune_report.json").write_text(json.dumps(report, indent=2))
     table = Table(title=f"{preset}: removed {len(report['removed'])} layers")
     for column in ("", "before", "after", "ratio"):
         table.add_column(column, justify="right" if column else "left")

@@ -86,7 +86,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     values, vectors = torch.linalg.eigh(cov_a)
     root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float(mu + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+    return max(0.0, float(mu + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross))  # ≥ 0 but for rounding
 
 
 def _as_tensor(images: np.ndarray) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,8 +33,8 @@ class EvaluateConfig(StageConfig):
 
     split: Literal["validation", "train", "both"] = "validation"
     prompts: int = Field(256, ge=8)
-    steps: list[int] = Field(default_factory=lambda: [25], min_length=1)
-    guidance: list[float] = Field(default_factory=lambda: [7.5], min_length=1)
+    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [25], min_length=1)
+    guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [7.5], min_length=1)
     judge: str = "default"
 
 
@@ -48,7 +48,6 @@ def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
     from ..compress.prune import prune_preset
 
     report = prune_preset(ctx.model, config.preset, ctx.out)
-    (ctx.out / "prune_report.json").write_text(json.dumps(report, indent=2))
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 

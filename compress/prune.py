@@ -29,7 +29,7 @@ def _copy_other_components(source: Path, out: Path) -> None:
 
 
 def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
-    """Apply a BK-SDM preset to `ref`, write the pruned model to `out`, return the report."""
+    """Apply a BK-SDM preset to `ref`; write the pruned model and `prune_report.json` to `out`; return the report."""
     out = Path(out)
     if ref.unet_has_weights:
         teacher = modelio.load_unet(ref)
@@ -50,7 +50,7 @@ def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
 
     before = census_model(ref)[0]
     after = census_model(modelio.open_model(out))[0]
-    return {
+    report = {
         "preset": preset, "removed": removed,
         "params_before": before.params, "params_after": after.params,
         "macs_before": before.macs, "macs_after": after.macs,
@@ -59,3 +59,5 @@ def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
         "blocks_after": {k: vars(v) for k, v in after.blocks.items()},
         "random_weights": not ref.unet_has_weights,
     }
+    (out / "prune_report.json").write_text(json.dumps(report, indent=2))
+    return report

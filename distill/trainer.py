@@ -42,6 +42,17 @@ class NonFiniteLoss(RuntimeError):
 LossFn = Callable[[dict, torch.Generator], dict[str, torch.Tensor]]
 
 
+class _LossModule(torch.nn.Module):
+    """The model with its loss as `forward`: data-parallel wrappers sync gradients only through forward."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.loss_fn(batch, generator)
+
+
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream of one step, the same whether or not the run was resumed."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
@@ -71,17 +82,17 @@ class Trainer:
             precision = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = Accelerator(mixed_precision=precision)
         self.config, self.out, self.description = config, Path(out), description
-        self.loss_fn, self.batch_for = loss_fn, batch_for
+        self.model, self.batch_for = model, batch_for
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.wrapped, self.optimizer = self.accelerator.prepare(_LossModule(model, loss_fn), optimizer)
         self.ema = ({name: p.detach().clone().float() for name, p in self._named_trainable()}
                     if config.ema_decay > 0 else None)
         self.step = 0
         self._resume()
 
     def _named_trainable(self):
-        return [(n, p) for n, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad]
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -92,8 +103,7 @@ class Trainer:
         if not (folder / "state.pt").exists():
             return
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
+        self.model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
             self.ema = {k: v.to(self.accelerator.device) for k, v in load_file(folder / "ema.safetensors").items()}
@@ -105,8 +115,7 @@ class Trainer:
             return
         tmp = self.out / "checkpoint.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        save_file({k: v.contiguous() for k, v in unwrapped.state_dict().items()}, tmp / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
         if self.ema is not None:
             save_file(self.ema, tmp / "ema.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / "state.pt")
@@ -121,7 +130,7 @@ class Trainer:
 
     def ema_state_dict(self) -> dict[str, torch.Tensor]:
         """The EMA weights (or the live ones where EMA is off), as a full state dict."""
-        state = {k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.model).state_dict().items()}
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             state.update({k: v.to(state[k].dtype) for k, v in self.ema.items()})
         return state
@@ -135,12 +144,18 @@ class Trainer:
                 writer.writeheader()
             writer.writerow(row)
 
+    def _local_share(self, batch: dict) -> dict:
+        """This process's slice of the step's batch (all of it on one device), on its device."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return {k: (v[rank::world].to(self.accelerator.device) if torch.is_tensor(v) else
+                    v[rank::world] if isinstance(v, list) else v) for k, v in batch.items()}
+
     def run(self) -> "Trainer":
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         config, device = self.config, self.accelerator.device
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model.train()
+        self.wrapped.train()
         started, done_at_start = time.perf_counter(), self.step
         columns = [TextColumn(self.description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
@@ -149,9 +164,9 @@ class Trainer:
             while self.step < config.steps:
                 for group in self.optimizer.param_groups:
                     group["lr"] = config.lr * _lr_factor(self.step, config)
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.batch_for(self.step).items()}
+                batch = self._local_share(self.batch_for(self.step))
                 with self.accelerator.autocast():
-                    terms = self.loss_fn(batch, step_generator(config.seed, self.step, device))
+                    terms = self.wrapped(batch, step_generator(config.seed, self.step, device))
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
@@ -160,7 +175,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.accelerator.backward(loss)
                 if config.grad_clip:
-                    self.accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+                    self.accelerator.clip_grad_norm_(self.wrapped.parameters(), config.grad_clip)
                 self.optimizer.step()
                 if self.ema is not None:
                     with torch.no_grad():
@@ -168,7 +183,8 @@ class Trainer:
                             self.ema[name].lerp_(p.detach().float(), 1.0 - config.ema_decay)
                 self.step += 1
                 if self.step % config.log_every == 0 or self.step == config.steps:
-                    rate = (self.step - done_at_start) * _batch_size(batch) / (time.perf_counter() - started)
+                    rate = ((self.step - done_at_start) * _batch_size(batch) * self.accelerator.num_processes
+                            / (time.perf_counter() - started))
                     values = {k: float(v.detach()) for k, v in terms.items()}
                     progress.update(task, completed=self.step,
                                     status=f"loss {values['loss']:.4f}  {rate:.0f} samples/s")

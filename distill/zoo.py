@@ -34,7 +34,7 @@ class DefaultTrainConfig(BaseModel):
     vae_steps: int = 500
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    unet_steps: int = 1200
+    unet_steps: list[int] = [1200, 1800]  # cumulative ends of cosine cycles; each cycle resumes the last
     unet_batch: int = 128
     unet_lr: float = 3e-4
     ema_decay: float = 0.995
@@ -42,7 +42,7 @@ class DefaultTrainConfig(BaseModel):
 
     @classmethod
     def quick(cls, seed: int = 0) -> "DefaultTrainConfig":
-        return cls(seed=seed, vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, subset=64)
+        return cls(seed=seed, vae_steps=4, vae_batch=8, unet_steps=[2, 4], unet_batch=8, subset=64)
 
 
 def text_encoder_config(vocab: dict[str, int]):
@@ -173,9 +173,10 @@ def train_unet(latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], 
         pred = model.unet(noisy, t, text).sample
         return {"loss": (pred.float() - noise).pow(2).mean()}
 
-    train_config = TrainConfig(steps=config.unet_steps, lr=config.unet_lr, warmup_steps=min(100, config.unet_steps // 10),
-                               ema_decay=config.ema_decay, checkpoint_every=100, seed=config.seed)
-    trainer = Trainer(model, loss_fn, batch_for, train_config, work / "unet", "unet").run()
+    for end in config.unet_steps:  # warm restarts: a new cosine cycle that resumes the previous one's checkpoint
+        train_config = TrainConfig(steps=end, lr=config.unet_lr, warmup_steps=min(100, config.unet_steps[0] // 10),
+                                   ema_decay=config.ema_decay, checkpoint_every=100, seed=config.seed)
+        trainer = Trainer(model, loss_fn, batch_for, train_config, work / "unet", f"unet (to step {end})").run()
     model.load_state_dict(trainer.ema_state_dict())
     return model.unet.eval(), model.text_encoder.eval()
 

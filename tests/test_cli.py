@@ -42,3 +42,30 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert "pocketdiff run recipes/quickstart.yaml" in commands[0]
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == [commands[1]]
+
+
+def test_generate_writes_pngs_and_grid(tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    result = subprocess.run(["pocketdiff", "generate", "--model", str(tiny_pipeline), "--prompt", "red apple",
+                             "--prompt", "ghost", "--steps", "2", "--seed", "4", "--grid", "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted(p.name for p in tmp_path.glob("0*.png"))
+    assert pngs == ["000-red-apple-seed4.png", "001-ghost-seed5.png"]
+    assert Image.open(tmp_path / pngs[0]).size == (32, 32)
+    assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 128
+
+
+def test_evaluate_writes_scores(tiny_pipeline, quick_judge, tmp_path):
+    import json
+
+    out = tmp_path / "scores.json"
+    result = subprocess.run(["pocketdiff", "evaluate", str(tiny_pipeline), "--prompts", "8", "--steps", "1,2",
+                             "--guidance", "1", "--judge", str(quick_judge), "--json", str(out)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(out.read_text())
+    assert set(scores) == {"validation/real", "validation/steps=1/guidance=1", "validation/steps=2/guidance=1"}
+    bad = subprocess.run(["pocketdiff", "evaluate", str(tiny_pipeline), "--steps", "one"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: evaluate:")

@@ -40,7 +40,7 @@ def test_shipped_default_is_small_and_loads_in_stock_diffusers():
     sizes = sum(p.stat().st_size for p in DEFAULT_MODEL.rglob("*") if p.is_file())
     assert sizes < 40e6
     record = json.loads((DEFAULT_MODEL / "training.json").read_text())
-    assert record["config"]["unet_steps"] >= 1000
+    assert record["config"]["unet_steps"][-1] >= 1000
     images = _generate(DEFAULT_MODEL, ["red apple"], steps=4)
     assert images.shape == (1, 32, 32, 3)
 

@@ -1,0 +1,31 @@
+"""The README's main job, end to end on the embedded default, exactly as shipped."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pocketdiff.apps.runner import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_runs_and_resumes(tmp_path):
+    command = ["pocketdiff", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--runs", str(tmp_path)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    run_dir = tmp_path / "quickstart"
+    stages = sorted(p.name for p in run_dir.iterdir())
+    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate"]
+    manifests = {name: read_manifest(run_dir / name) for name in stages}
+    assert all(m["status"] == "done" for m in manifests.values())
+    assert (run_dir / "01-generate" / "grid.png").exists()
+    teacher = manifests["02-evaluate"]["metrics"]
+    pruned = manifests["04-evaluate"]["metrics"]
+    key = "validation/steps=25/guidance=7.5"
+    real = teacher["validation/real"]["retrieval_accuracy"]
+    assert teacher[key]["retrieval_accuracy"] > 0.2 * real  # the teacher draws what it is asked
+    assert pruned[key]["prompt_score"] < teacher[key]["prompt_score"]  # pruning without KD costs quality
+    assert manifests["03-prune"]["metrics"]["params_after"] < 0.7 * manifests["03-prune"]["metrics"]["params_before"]
+    again = subprocess.run(command, check=True, capture_output=True, text=True)
+    assert again.stdout.count("skipped") == 4

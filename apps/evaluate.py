@@ -42,6 +42,11 @@ def prompt_set(split: str = "validation", count: int = 256, resolution: int = 32
     return PromptSet(split, chosen.captions, chosen.images)
 
 
+def _projected(output) -> torch.Tensor:
+    """transformers 5 returns the projected embedding as `pooler_output` of an output object; 4.x a tensor."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
 class ClipJudge:
     """A real CLIP model from a local folder, for SD-scale models (same interface as our judge)."""
 
@@ -56,14 +61,14 @@ class ClipJudge:
         mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
         std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
         pixels = torch.nn.functional.interpolate((images + 1) / 2, size=self.size, mode="bicubic", antialias=True)
-        return self.model.get_image_features(pixel_values=(pixels - mean) / std)
+        return _projected(self.model.get_image_features(pixel_values=(pixels - mean) / std))
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self.image_features(images), dim=-1)
 
     def embed_texts(self, captions: list[str]) -> torch.Tensor:
         tokens = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-        return torch.nn.functional.normalize(self.model.get_text_features(**tokens), dim=-1)
+        return torch.nn.functional.normalize(_projected(self.model.get_text_features(**tokens)), dim=-1)
 
 
 def load_judge(spec: str | Path = "default"):

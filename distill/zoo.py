@@ -189,30 +189,37 @@ def train_default(out: Path, config: DefaultTrainConfig, work: Path | None = Non
     out = Path(out)
     work = Path(work) if work else out.with_name(out.name + ".work")
     torch.manual_seed(config.seed)
-    timings: dict[str, float] = {}
+    work.mkdir(parents=True, exist_ok=True)
+    timings_file = work / "timings.json"  # summed over resumed runs, so the record is the whole training time
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+
+    def spent(phase: str, began: float) -> None:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - began
+        timings_file.write_text(json.dumps(timings))
+
     train = _training_set(config)
     images = train.tensors()
 
     began = time.perf_counter()
     tokenizer.build_clip_tokenizer_files(data.load_emoji(RESOLUTION, "train").captions, work / "tokenizer")
     tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
-    timings["tokenizer_s"] = time.perf_counter() - began
+    spent("tokenizer_s", began)
 
     began = time.perf_counter()
     if (work / "vae_final" / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(work / "vae_final", torch_dtype=torch.float32).eval()
+        vae = AutoencoderKL.from_pretrained(work / "vae_final", dtype=torch.float32).eval()
     else:
         vae = train_vae(images, config, work)
         mean, std = encode_latents(vae, images)
         sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(config.seed))
         vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
         vae.save_pretrained(work / "vae_final")
-    timings["vae_s"] = time.perf_counter() - began
+    spent("vae_s", began)
 
     began = time.perf_counter()
     latents = encode_latents(vae, images)
     unet, text_encoder = train_unet(latents, train.captions, tok, vae.config.scaling_factor, config, work)
-    timings["unet_s"] = time.perf_counter() - began
+    spent("unet_s", began)
 
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet,

@@ -48,8 +48,8 @@ def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
     else:
         student.save_config(unet_dir)
 
-    before = census_model(ref)[0]
-    after = census_model(modelio.open_model(out))[0]
+    (before,) = census_model(ref, unet_only=True)
+    (after,) = census_model(modelio.open_model(out), unet_only=True)
     report = {
         "preset": preset, "removed": removed,
         "params_before": before.params, "params_after": after.params,

@@ -108,7 +108,7 @@ def count(module: torch.nn.Module, run, component: str, input_shape: tuple) -> C
     return census
 
 
-def census_model(ref, resolution: int | None = None) -> list[Census]:
+def census_model(ref, resolution: int | None = None, unet_only: bool = False) -> list[Census]:
     """Counts for each network of a model folder (UNet; text encoder and VAE halves for a pipeline)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -125,7 +125,7 @@ def census_model(ref, resolution: int | None = None) -> list[Census]:
         unet = UNet2DConditionModel.from_config(config)
         inputs = modelio.unet_example_inputs(config, latent, device="meta")
         censuses.append(count(unet, lambda m: m(**inputs), "unet", tuple(inputs["sample"].shape)))
-        if ref.kind != "pipeline":
+        if unet_only or ref.kind != "pipeline":
             return censuses
         text_config = ref.path / "text_encoder" / "config.json"
         if text_config.exists():

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import data
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, epoch_batches
 
 _WORD = re.compile(r"[a-z]+|[0-9]")
 
@@ -126,12 +126,10 @@ def train_judge(out: Path, steps: int = 500, batch: int = 128, lr: float = 2e-3,
     words = sorted({w for c in train.captions for w in _WORD.findall(c.lower())})
     judge = Judge(JudgeConfig(vocabulary=words))
     images = train.tensors()
-    batch = min(batch, len(train))
-    per_epoch = len(train) // batch
+    pick = epoch_batches(len(train), min(batch, len(train)), seed)
 
     def batch_for(step: int) -> dict:
-        epoch, position = divmod(step, per_epoch)
-        index = np.random.default_rng([seed, epoch]).permutation(len(train))[position * batch:(position + 1) * batch]
+        index = pick(step)
         return {"images": images[index], "captions": [train.captions[i] for i in index]}
 
     def loss_fn(batch_: dict, generator: torch.Generator) -> dict:

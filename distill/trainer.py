@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
@@ -56,6 +57,18 @@ class _LossModule(torch.nn.Module):
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random stream of one step, the same whether or not the run was resumed."""
     return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def epoch_batches(n: int, batch: int, seed: int) -> Callable[[int], np.ndarray]:
+    """Index batches as a function of the step: a seeded permutation per epoch, no data position to save."""
+    per_epoch = max(1, n // batch)
+
+    def indices(step: int) -> np.ndarray:
+        epoch, position = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        return order[position * batch:(position + 1) * batch]
+
+    return indices
 
 
 def _lr_factor(step: int, config: TrainConfig) -> float:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import data, tokenizer
-from .trainer import Trainer, TrainConfig
+from .trainer import Trainer, TrainConfig, epoch_batches
 
 RESOLUTION = 32
 CAPTION_DROPOUT = 0.1  # empty-prompt training so classifier-free guidance works
@@ -91,21 +91,9 @@ def _training_set(config: DefaultTrainConfig) -> data.EmojiSet:
     return train.subset(np.arange(config.subset)) if config.subset else train
 
 
-def _batches(n: int, batch: int, seed: int):
-    """Index batches as a function of the step: a seeded permutation per epoch, no state to save."""
-    per_epoch = max(1, n // batch)
-
-    def indices(step: int) -> np.ndarray:
-        epoch, position = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        return order[position * batch:(position + 1) * batch]
-
-    return indices
-
-
 def train_vae(images: torch.Tensor, config: DefaultTrainConfig, work: Path):
     vae = build_vae()
-    pick = _batches(len(images), config.vae_batch, config.seed)
+    pick = epoch_batches(len(images), config.vae_batch, config.seed)
 
     def loss_fn(batch, generator):
         posterior = vae.encode(batch["x"]).latent_dist
@@ -153,7 +141,7 @@ def train_unet(latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], 
     ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
     mean, std = latents
-    pick = _batches(len(captions), config.unet_batch, config.seed)
+    pick = epoch_batches(len(captions), config.unet_batch, config.seed)
 
     def batch_for(step):
         index = pick(step)

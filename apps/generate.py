@@ -10,13 +10,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
 def generate_images(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0,
                     batch: int = 64) -> np.ndarray:
     """uint8 images (N, H, W, 3), one per prompt, prompt i from a generator seeded `seed + i`."""
+    import torch  # here, not at the top: the grid and PNG helpers serve the torch-free exported pipelines too
+
     outputs = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]

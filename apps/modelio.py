@@ -116,7 +116,9 @@ def load_unet(ref: ModelRef, device: str | torch.device = "cpu"):
 def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu"):
     """The whole pipeline in fp32, components without weights built from their configs."""
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()
     if ref.kind != "pipeline":
         raise UserError(f"{ref.path}: a bare {ref.class_name}, not a pipeline; this command needs a pipeline folder")
     overrides = {}

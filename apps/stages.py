@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..export.exporter import ExportConfig
 from .runner import StageContext, StageResult
 
 
@@ -104,6 +105,21 @@ def run_evaluate(config: EvaluateConfig, ctx: StageContext) -> StageResult:
     return StageResult(results)
 
 
+def run_export(config: ExportConfig, ctx: StageContext) -> StageResult:
+    from ..export.exporter import export_model
+
+    reports = export_model(ctx.model, config, ctx.out, seed=ctx.seed, log=ctx.console.print)
+    metrics = {}
+    for fmt, report in reports.items():
+        for name, entry in report["components"].items():
+            metrics[f"{fmt}/{name}/bytes"] = entry["bytes"]
+            if "max_abs" in entry:
+                metrics[f"{fmt}/{name}/max_abs"] = entry["max_abs"]
+        if "image_psnr" in report:
+            metrics[f"{fmt}/image_psnr"] = report["image_psnr"]
+    return StageResult(metrics)
+
+
 @dataclass(frozen=True)
 class Stage:
     config: type[StageConfig]
@@ -114,4 +130,5 @@ STAGES: dict[str, Stage] = {
     "prune": Stage(PruneConfig, run_prune),
     "generate": Stage(GenerateConfig, run_generate),
     "evaluate": Stage(EvaluateConfig, run_evaluate),
+    "export": Stage(ExportConfig, run_export),
 }

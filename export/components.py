@@ -1,0 +1,138 @@
+"""The components of a diffusers pipeline as plain tensor-in, tensor-out modules, with example inputs.
+
+Every exporter traces these wrappers rather than the diffusers classes, so each format sees the
+same graph and the same I/O names: optimum's ONNX names (`sample`, `timestep`,
+`encoder_hidden_states` → `out_sample`, `latent_sample` → `sample`, …), which ExecuTorch reuses.
+Core ML's Swift contract differs and wraps these again (see `coreml.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..apps import modelio
+from ..apps.errors import UserError
+
+PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+EXAMPLE_SEED = 1234
+
+
+@dataclass
+class Component:
+    """One exportable module: positional inputs in `inputs` order, named outputs, and the axes that vary."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
+    config_source: str = ""  # the pipeline subfolder whose config.json goes beside the exported file
+
+    def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            values = self.module(*(inputs or self.inputs).values())
+        values = values if isinstance(values, tuple) else (values,)
+        return dict(zip(self.outputs, values))
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids)
+        return out.last_hidden_state, out.pooler_output
+
+
+class UNet(torch.nn.Module):
+    """A scalar `timestep`, and SDXL's / LCM's extra conditions as plain inputs."""
+
+    def __init__(self, unet, extra: tuple[str, ...]):
+        super().__init__()
+        self.unet, self.extra = unet, extra
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        named = dict(zip(self.extra, extra))
+        added = {k: named.pop(k) for k in ("text_embeds", "time_ids") if k in named} or None
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
+                         return_dict=False, **named)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    """Image in [-1, 1] → the Gaussian's mean and log-variance stacked on channels (optimum's `latent_parameters`)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample).latent_dist.parameters
+
+
+class VaeDecoder(torch.nn.Module):
+    """Unscaled latents (already divided by the scaling factor) → image in [-1, 1]."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+def unet_component(unet, latent_size: int, batch: int = 2, tokens: int = 77) -> Component:
+    config = dict(unet.config)
+    generator = torch.Generator().manual_seed(EXAMPLE_SEED)
+    example = modelio.unet_example_inputs(config, latent_size, batch, tokens, generator=generator)
+    inputs = {"sample": example["sample"], "timestep": torch.tensor(501.0),
+              "encoder_hidden_states": example["encoder_hidden_states"]}
+    inputs.update(example.get("added_cond_kwargs", {}))
+    if "timestep_cond" in example:
+        inputs["timestep_cond"] = example["timestep_cond"]
+    extra = tuple(inputs)[3:]
+    dynamic = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size"}}
+    dynamic.update({name: {0: "batch_size"} for name in extra})
+    return Component("unet", UNet(unet, extra).eval(), inputs, ["out_sample"], dynamic, "unet")
+
+
+def trace_latent_size(unet_config: dict) -> int:
+    """A latent size whose innermost feature map is at least 2x2: at 1x1 torch.export specialises
+    every spatial dimension and a dynamic-shape export loses its dynamic height and width."""
+    return max(unet_config["sample_size"], 2 ** len(unet_config["block_out_channels"]))
+
+
+def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = PIPELINE_COMPONENTS,
+                     latent_size: int | None = None) -> list[Component]:
+    """The wrapped components of `ref` (a pipeline, loaded as `pipe`, or a bare UNet) with seeded inputs."""
+    latent_size = latent_size or modelio.unet_config(ref)["sample_size"]
+    if ref.kind == "unet":
+        return [unet_component(modelio.load_unet(ref), latent_size)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise UserError(f"{ref.path}: export handles SD-1.x/2.x-style pipelines (one text encoder); "
+                        "export an SDXL UNet folder on its own")
+    generator = torch.Generator().manual_seed(EXAMPLE_SEED)
+    factor = modelio.vae_scale_factor(ref)
+    tokens = pipe.tokenizer.model_max_length
+    made = {
+        "text_encoder": lambda: Component(
+            "text_encoder", TextEncoder(pipe.text_encoder).eval(),
+            {"input_ids": torch.randint(0, pipe.text_encoder.config.vocab_size, (1, tokens), generator=generator)},
+            ["last_hidden_state", "pooler_output"], {"input_ids": {0: "batch_size"}}, "text_encoder"),
+        "unet": lambda: unet_component(pipe.unet, latent_size, tokens=tokens),
+        "vae_encoder": lambda: Component(
+            "vae_encoder", VaeEncoder(pipe.vae).eval(),
+            {"sample": torch.rand(1, 3, latent_size * factor, latent_size * factor, generator=generator) * 2 - 1},
+            ["latent_parameters"], {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}, "vae"),
+        "vae_decoder": lambda: Component(
+            "vae_decoder", VaeDecoder(pipe.vae).eval(),
+            {"latent_sample": torch.randn(1, pipe.vae.config.latent_channels, latent_size, latent_size,
+                                          generator=generator)},
+            ["sample"], {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}, "vae"),
+    }
+    unknown = set(names) - set(made)
+    if unknown:
+        raise UserError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(made)})")
+    return [made[name]() for name in names]

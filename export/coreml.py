@@ -1,0 +1,234 @@
+"""Core ML export in the resource layout and I/O contract of Apple's Swift `StableDiffusion` package.
+
+`<out>/Resources/{TextEncoder,Unet,VAEDecoder,VAEEncoder}.mlpackage` plus `vocab.json` and
+`merges.txt`; on macOS each package is also compiled to the `.mlmodelc` the Swift package loads.
+Names, shapes and dtypes follow apple/ml-stable-diffusion: the text encoder takes float32
+`input_ids` (1, 77) and returns `last_hidden_state` and `pooled_outputs`; the UNet takes `sample`,
+a per-batch float32 `timestep` and `encoder_hidden_states` in the (B, dim, 1, 77) layout and
+returns `noise_pred`; the decoder takes `z`, the encoder Apple's image-to-image inputs. Unlike
+Apple's converter this one takes mid-block-less UNets (BK-SDM small/tiny) and keeps an LCM
+student's guidance embedding as a `timestep_cond` input. Swift scales latents by SD's 0.18215;
+our VAE wrappers fold in the model's own scaling factor, so any VAE works unchanged.
+
+Core ML runs only on macOS: elsewhere each package is checked structurally (its spec's I/O, op
+census, weight dtype, size); on macOS also numerically against PyTorch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..apps import modelio
+from ..apps.errors import UserError
+from .clip_bpe import write_vocab_and_merges
+from .components import Component
+
+DEFAULT_PRECISION = "fp16"
+DYNAMIC_SHAPES = False
+RUNS_PIPELINE = False
+SWIFT_SCALE = 0.18215
+NO_RUNTIME_REASON = "numeric check skipped: Core ML runs only on macOS"
+SWIFT_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"Core ML export takes precision fp16 or fp32, not {precision}")
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids.to(torch.int32))
+        return out.last_hidden_state, out.pooler_output
+
+
+class Unet(torch.nn.Module):
+    """Apple's UNet I/O: (B,) timesteps and (B, dim, 1, tokens) text states; LCM's `timestep_cond` kept."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, *timestep_cond):
+        context = encoder_hidden_states.squeeze(2).transpose(1, 2)
+        cond = timestep_cond[0] if timestep_cond else None
+        return self.unet(sample, timestep, context, timestep_cond=cond, return_dict=False)[0]
+
+
+class VAEDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae, self.rescale = vae, SWIFT_SCALE / vae.config.scaling_factor
+
+    def forward(self, z):
+        return self.vae.decode(z * self.rescale, return_dict=False)[0]
+
+
+class VAEEncoder(torch.nn.Module):
+    """Image → noised latent for image-to-image, as Swift's `Encoder` calls it (noise passed in)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample, diagonal_noise, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
+        moments = self.vae.encode(sample).latent_dist.parameters
+        mean, logvar = moments.chunk(2, dim=1)
+        latent = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * diagonal_noise) * self.vae.config.scaling_factor
+        return sqrt_alphas_cumprod * latent + sqrt_one_minus_alphas_cumprod * noise
+
+
+def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | None = None) -> Component:
+    """Re-wrap one of our components with the Swift package's names, layouts and dtypes.
+
+    The UNet runs at batch two (guidance on) unless it embeds guidance (an LCM-style student,
+    which Swift runs unguided at batch one) or `unet_batch` says otherwise.
+    """
+    inputs = component.inputs
+    if component.name == "text_encoder":
+        return Component("text_encoder", TextEncoder(pipe.text_encoder).eval(),
+                         {"input_ids": inputs["input_ids"].float()}, ["last_hidden_state", "pooled_outputs"])
+    if component.name == "unet":
+        unet = pipe.unet if pipe is not None else component.module.unet
+        config = dict(unet.config)
+        unet_batch = unet_batch or (1 if config.get("time_cond_proj_dim") else 2)
+        if config.get("addition_embed_type") == "text_time":
+            raise UserError("Core ML export of SDXL UNets (text_time conditions) is not supported yet")
+        repeat = lambda t: t[:1].repeat(unet_batch, *([1] * (t.dim() - 1)))  # noqa: E731
+        swift = {"sample": repeat(inputs["sample"]), "timestep": torch.full((unet_batch,), 501.0),
+                 "encoder_hidden_states": repeat(inputs["encoder_hidden_states"]).transpose(1, 2).unsqueeze(2).contiguous()}
+        if "timestep_cond" in inputs:
+            swift["timestep_cond"] = repeat(inputs["timestep_cond"])
+        return Component("unet", Unet(unet).eval(), swift, ["noise_pred"])
+    if component.name == "vae_decoder":
+        return Component("vae_decoder", VAEDecoder(pipe.vae).eval(), {"z": inputs["latent_sample"]}, ["image"])
+    factor = modelio.vae_scale_factor(ref)
+    image = inputs["sample"]
+    latent = (1, pipe.vae.config.latent_channels, image.shape[2] // factor, image.shape[3] // factor)
+    generator = torch.Generator().manual_seed(0)
+    return Component("vae_encoder", VAEEncoder(pipe.vae).eval(),
+                     {"sample": image, "diagonal_noise": torch.randn(latent, generator=generator),
+                      "noise": torch.randn(latent, generator=generator),
+                      "sqrt_alphas_cumprod": torch.full((1, 1), 0.8), "sqrt_one_minus_alphas_cumprod": torch.full((1, 1), 0.6)},
+                     ["latent"])
+
+
+def _quiet_coremltools():
+    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars
+    for name in ("coremltools", "coremltools.converters"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import coremltools
+
+    return coremltools
+
+
+def _without_aliases(exported):
+    """Drop `aten.alias` nodes (transformers' mask code makes them; coremltools has no converter for them)."""
+    graph = exported.graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in (torch.ops.aten.alias.default, torch.ops.aten.alias_copy.default):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    exported.graph_module.recompile()
+    return exported
+
+
+def export_component(component: Component, folder: Path, precision: str, **_) -> Path:
+    """Convert one (adapted) component to `<out>/Resources/<SwiftName>.mlpackage`; return its path."""
+    ct = _quiet_coremltools()
+    check_precision(precision)
+    resources = folder.parent / "Resources"
+    resources.mkdir(parents=True, exist_ok=True)
+    path = resources / f"{SWIFT_NAMES[component.name]}.mlpackage"
+    try:
+        exported = _without_aliases(
+            torch.export.export(component.module, tuple(component.inputs.values())).run_decompositions({}))
+        model = ct.convert(
+            exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+            inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32) for n, v in component.inputs.items()],
+            outputs=[ct.TensorType(name=n) for n in component.outputs],
+            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+    except Exception as err:  # coremltools names the op it cannot convert; keep that line
+        raise UserError(f"Core ML export of {component.name} failed: {(str(err).splitlines() or [repr(err)])[0]}") from None
+    model.short_description = f"pocketdiff {component.name} ({precision}), apple/ml-stable-diffusion layout"
+    if path.exists():
+        shutil.rmtree(path)
+    model.save(str(path))
+    return path
+
+
+def _operations(block) -> Counter:
+    ops = Counter()
+    for op in block.operations:
+        ops[op.type] += 1
+        for nested in op.blocks:
+            ops += _operations(nested)
+    return ops
+
+
+def structural_check(path: Path, component: Component) -> dict:
+    """The package's declared I/O against the Swift contract, its op census and weight dtypes."""
+    ct = _quiet_coremltools()
+    spec = ct.utils.load_spec(str(path))
+    declared = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
+    outputs = [o.name for o in spec.description.output]
+    expected = {name: list(value.shape) for name, value in component.inputs.items()}
+    if declared != expected or outputs != component.outputs:
+        raise UserError(f"Core ML {component.name}: declares inputs {declared} / outputs {outputs}, "
+                        f"the Swift contract needs {expected} / {component.outputs}")
+    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    if any(i.type.multiArrayType.dataType != float32 for i in spec.description.input):
+        raise UserError(f"Core ML {component.name}: inputs must be float32 for the Swift package")
+    ops, weight_types = Counter(), Counter()
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            ops += _operations(block)
+            for op in block.operations:
+                if op.type == "const":
+                    for out in op.outputs:
+                        weight_types[ct.proto.MIL_pb2.DataType.Name(out.type.tensorType.dataType)] += 1
+    return {"inputs": declared, "outputs": outputs, "ops": dict(ops.most_common()),
+            "const_dtypes": dict(weight_types), "spec_version": spec.specificationVersion}
+
+
+class CoreMLModel:
+    def __init__(self, path: Path):
+        ct = _quiet_coremltools()
+        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+
+    def __call__(self, inputs: dict) -> dict:
+        return self.model.predict({k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()})
+
+
+def load(path: Path):
+    """A runnable model on macOS; None elsewhere (the exporter then records the structural check)."""
+    return CoreMLModel(path) if platform.system() == "Darwin" else None
+
+
+def write_layout(ref: modelio.ModelRef, out: Path, names: list[str]) -> None:
+    """The tokenizer files beside the models; on macOS also the compiled `.mlmodelc` Swift loads."""
+    resources = out / "Resources"
+    if (ref.path / "tokenizer").is_dir():
+        write_vocab_and_merges(ref.path / "tokenizer", resources)
+    if platform.system() == "Darwin":
+        ct = _quiet_coremltools()
+        for name in names:
+            package = resources / f"{SWIFT_NAMES[name]}.mlpackage"
+            compiled = Path(ct.utils.compile_model(str(package)))
+            shutil.move(str(compiled), resources / f"{SWIFT_NAMES[name]}.mlmodelc")
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

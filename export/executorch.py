@@ -1,0 +1,141 @@
+"""ExecuTorch export: one `.pte` per component, lowered to XNNPACK, in optimum's folder layout.
+
+ExecuTorch's staged lowering as its docs teach it: `torch.export` → `to_edge_transform_and_lower`
+with the partitioners asked for → `to_executorch`. Programs have static shapes (what XNNPACK
+plans memory for): the UNet is traced at batch 2, the classifier-free-guidance batch, and our
+runner pads a batch-1 call. `io.json` beside each program records input order, shapes and output
+names, which a `.pte` does not carry. int8 is PT2E post-training quantization with ExecuTorch's
+XNNPACK quantizer, calibrated on inputs recorded from the PyTorch pipeline's own sampling.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..apps.errors import UserError
+from .components import Component
+from .exporter import write_optimum_layout
+from .runtime import ExecuTorchModel
+
+FILE = "model.pte"
+DEFAULT_PRECISION = "fp32"
+DYNAMIC_SHAPES = False
+RUNS_PIPELINE = True
+PARTITIONERS = {
+    "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner", "XnnpackPartitioner"),
+    "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner"),
+    "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner"),
+    "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner", "VulkanPartitioner"),
+    "qnn": ("executorch.backends.qualcomm.partition.qnn_partitioner", "QnnPartitioner"),
+}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in ("fp32", "int8"):
+        raise UserError(f"ExecuTorch export takes precision fp32 or int8, not {precision}")
+
+
+def partitioner(name: str):
+    """The named backend's partitioner, or a one-line error saying what is missing."""
+    if name not in PARTITIONERS:
+        raise UserError(f"unknown ExecuTorch backend '{name}' (known: {', '.join(PARTITIONERS)})")
+    module, cls = PARTITIONERS[name]
+    try:
+        partitioner_cls = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as err:
+        raise UserError(f"ExecuTorch backend '{name}' is not available here ({_first_line(err)}); "
+                        "install its ExecuTorch extras or use xnnpack") from None
+    if name == "qnn":
+        raise UserError("ExecuTorch backend 'qnn' needs a Qualcomm SoC compile spec; use xnnpack here")
+    return partitioner_cls()
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def quantize_int8(component: Component, calibration: list[tuple]) -> torch.nn.Module:
+    """PT2E static int8 (per-channel weights, per-tensor activations) with XNNPACK's quantizer."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    graph = torch.export.export(component.module, tuple(component.inputs.values())).module()
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    prepared = prepare_pt2e(graph, quantizer)
+    examples = tuple(component.inputs.values())
+    with torch.no_grad():
+        for args in calibration or [examples]:
+            prepared(*(_fit_batch(a, e) for a, e in zip(args, examples)))
+    return convert_pt2e(prepared)
+
+
+def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
+    """The UNet's inputs along the PyTorch pipeline's own sampling trajectories: int8 calibration data."""
+    recorded = []
+
+    def hook(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        recorded.append((sample.clone(), torch.as_tensor(timestep, dtype=torch.float32).reshape(()),
+                         kwargs["encoder_hidden_states"].clone()))
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, prompt in enumerate(prompts):
+                pipe([prompt], num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                     generator=torch.Generator().manual_seed(i))
+    finally:
+        handle.remove()
+    return recorded
+
+
+def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """Repeat or cut a recorded input to the program's fixed batch."""
+    if value.dim() == 0 or value.shape[0] == example.shape[0]:
+        return value
+    return value.repeat(-(-example.shape[0] // value.shape[0]), *([1] * (value.dim() - 1)))[:example.shape[0]]
+
+
+def export_component(component: Component, folder: Path, precision: str, backends: tuple[str, ...] = ("xnnpack",),
+                     calibration: list[tuple] | None = None, **_) -> Path:
+    """Write `<folder>/model.pte` and `io.json` for one component; return the program's path."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    check_precision(precision)
+    folder.mkdir(parents=True, exist_ok=True)
+    args = tuple(component.inputs.values())
+    module = quantize_int8(component, calibration) if precision == "int8" else component.module
+    try:
+        exported = torch.export.export(module, args)
+        program = to_edge_transform_and_lower(exported, partitioner=[partitioner(b) for b in backends])
+        buffer = program.to_executorch().buffer
+    except UserError:
+        raise
+    except Exception as err:  # lowering errors name the op that failed; keep that line
+        raise UserError(f"ExecuTorch export of {component.name} failed: {_first_line(err)}") from None
+    path = folder / FILE
+    path.write_bytes(buffer)
+    io = {"inputs": list(component.inputs), "outputs": component.outputs, "backends": list(backends),
+          "shapes": {name: list(value.shape) for name, value in component.inputs.items()}}
+    (folder / "io.json").write_text(json.dumps(io, indent=2))
+    return path
+
+
+def load(path: Path):
+    return ExecuTorchModel(path)
+
+
+def write_layout(ref, out: Path, names: list[str]) -> None:
+    write_optimum_layout(ref, out, names)
+
+
+def file_bytes(path: Path) -> int:
+    return Path(path).stat().st_size

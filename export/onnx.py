@@ -1,0 +1,94 @@
+"""ONNX export in the folder layout of optimum's ONNX diffusion pipelines.
+
+`<out>/unet/model.onnx` with `config.json` beside it (optimum's loader reads it), likewise
+`text_encoder/`, `vae_encoder/`, `vae_decoder/` (both carrying the VAE's config), and the
+pipeline's `model_index.json`, `tokenizer/` and `scheduler/` copied unchanged, so
+`ORTDiffusionPipeline.from_pretrained(<out>)` and our torch-free `ExportedPipeline` both load it.
+Batch and spatial axes are dynamic (one file serves guidance on and off, any resolution); models
+over 2 GB keep their weights in `model.onnx.data`. fp16 stores weights and compute in half
+precision with fp32 inputs and outputs, so callers need not change.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..apps.errors import UserError
+from .components import Component
+from .exporter import write_optimum_layout
+from .runtime import OnnxModel
+
+FILE = "model.onnx"
+OPSET = 18
+_TWO_GB = 2 * 1024 ** 3
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+DEFAULT_PRECISION = "fp32"
+DYNAMIC_SHAPES = True  # one file for guidance on and off, any resolution
+RUNS_PIPELINE = True
+
+
+def check_precision(precision: str) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"ONNX export takes precision fp32 or fp16, not {precision} (int8 comes from the QAT stage)")
+
+
+def load(path: Path):
+    return OnnxModel(path)
+
+
+def write_layout(ref, out: Path, names: list[str]) -> None:
+    write_optimum_layout(ref, out, names)
+
+
+def export_component(component: Component, folder: Path, precision: str, **_) -> Path:
+    """Write `<folder>/model.onnx` for one component; return its path."""
+    check_precision(precision)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / FILE
+    dynamic = {name: {axis: torch.export.Dim.DYNAMIC for axis in component.dynamic.get(name, {})}
+               for name in component.inputs}
+    large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        torch.onnx.export(component.module, tuple(component.inputs.values()), str(path), dynamo=True,
+                          opset_version=OPSET, input_names=list(component.inputs), output_names=component.outputs,
+                          dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
+    except Exception as err:  # the exporter's own errors name the failing op; keep that line
+        raise UserError(f"ONNX export of {component.name} failed: {_first_line(err)}") from None
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=large)
+    _name_dynamic_axes(model, component)
+    if precision == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large)
+    if large:
+        for stale in folder.glob(f"{FILE}*"):
+            stale.unlink()
+    onnx.save(model, str(path), save_as_external_data=large, location=f"{FILE}.data" if large else None)
+    return path
+
+
+def _name_dynamic_axes(model, component: Component) -> None:
+    """Give dynamic axes optimum's names (`batch_size`, `height`, …) instead of the tracer's `s53`."""
+    for value in model.graph.input:
+        for axis, name in component.dynamic.get(value.name, {}).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).parent.glob(f"{Path(path).name}*"))

@@ -1,0 +1,142 @@
+"""Run exported components and whole exported pipelines: numpy in, numpy out.
+
+`OnnxModel` needs onnxruntime and numpy only; nothing on the ONNX path imports torch, which is
+what an app ships. `ExecuTorchModel` runs a `.pte` through ExecuTorch's own runtime (the same
+runtime a phone links), which takes torch tensors at its Python boundary. `ExportedPipeline` is the
+text → image loop over either: tokenizer, classifier-free guidance, DDIM, VAE decode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..apps.errors import UserError
+from .clip_bpe import ClipBPE
+from .ddim import DDIM
+
+BACKEND_FILES = {"onnx": "model.onnx", "executorch": "model.pte"}
+
+
+class OnnxModel:
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # constant-folding notes are not the user's business
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {}
+        for name in self.input_names:
+            value = np.asarray(inputs[name])
+            feed[name] = value.astype(np.int64 if "int64" in self.input_types[name] else
+                                      np.float16 if "float16" in self.input_types[name] else np.float32)
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+
+class ExecuTorchModel:
+    """A `.pte` program; input order and output names come from the `io.json` written beside it."""
+
+    def __init__(self, path: Path):
+        import torch
+        from executorch.runtime import Runtime
+
+        self.torch = torch
+        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+        io = json.loads((Path(path).parent / "io.json").read_text())
+        self.input_names, self.output_names = io["inputs"], io["outputs"]
+        self.static_shapes = {k: tuple(v) for k, v in io.get("shapes", {}).items()}
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = []
+        for name in self.input_names:
+            value = np.asarray(inputs[name])
+            expected = self.static_shapes.get(name)
+            if expected is not None and tuple(value.shape) != expected:
+                raise UserError(f"ExecuTorch program takes {name} of shape {expected}, got {tuple(value.shape)}")
+            tensors.append(self.torch.from_numpy(np.array(value, order="C")))  # 0-d stays 0-d
+        outputs = self.method.execute(tensors)
+        return {name: out.numpy() for name, out in zip(self.output_names, outputs)}
+
+
+def load_model(path: Path):
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxModel(path)
+    if path.suffix == ".pte":
+        return ExecuTorchModel(path)
+    raise UserError(f"{path}: not an exported model (.onnx or .pte)")
+
+
+class ExportedPipeline:
+    """Text → uint8 images from an exported folder (optimum's layout), on one backend."""
+
+    def __init__(self, folder: Path, backend: str):
+        folder = Path(folder)
+        if backend not in BACKEND_FILES:
+            raise UserError(f"backend '{backend}' has no exported-pipeline runner (choose onnx or executorch)")
+        file = BACKEND_FILES[backend]
+        missing = [p for p in ("text_encoder", "unet", "vae_decoder") if not (folder / p / file).exists()]
+        if missing:
+            raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
+        self.tokenizer = ClipBPE(folder / "tokenizer")
+        self.scheduler = DDIM.from_folder(folder / "scheduler")
+        self.text_encoder = load_model(folder / "text_encoder" / file)
+        self.unet = load_model(folder / "unet" / file)
+        self.vae_decoder = load_model(folder / "vae_decoder" / file)
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        vae_config = json.loads((folder / "vae_decoder" / "config.json").read_text())
+        self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
+        self.scaling = float(vae_config.get("scaling_factor", 0.18215))
+        self.unet_extra = [n for n in self.unet.input_names if n not in ("sample", "timestep", "encoder_hidden_states")]
+        if self.unet_extra:
+            raise UserError(f"{folder}: the exported-pipeline runner handles SD-1.x/2.x UNets; this one also takes "
+                            f"{', '.join(self.unet_extra)}")
+
+    def initial_latents(self, count: int, seed: int) -> np.ndarray:
+        """Prompt i's starting noise from its own generator seeded `seed + i` (numpy's PCG64)."""
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        return np.stack([np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32)
+                         for i in range(count)])
+
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        ids = np.array([self.tokenizer.encode(p) for p in prompts], dtype=np.int64)
+        return np.concatenate([self.text_encoder({"input_ids": row[None]})["last_hidden_state"] for row in ids])
+
+    def __call__(self, prompts: list[str], steps: int, guidance: float, seed: int = 0,
+                 latents: np.ndarray | None = None) -> np.ndarray:
+        return np.stack([self._one(p, steps, guidance, latents[i] if latents is not None else
+                                   self.initial_latents(1, seed + i)[0]) for i, p in enumerate(prompts)])
+
+    def _unet(self, sample: np.ndarray, t, context: np.ndarray) -> np.ndarray:
+        """One UNet call; a program traced at a fixed batch (ExecuTorch) gets its batch by padding or splitting."""
+        fixed = getattr(self.unet, "static_shapes", {}).get("sample", (None,))[0]
+        timestep = np.array(t, dtype=np.float32)
+        if fixed is None or fixed == len(sample):
+            return self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": context})["out_sample"]
+        if fixed > len(sample):
+            repeat = -(-fixed // len(sample))
+            padded = [np.concatenate([a] * repeat)[:fixed] for a in (sample, context)]
+            return self._unet(padded[0], t, padded[1])[:len(sample)]
+        return np.concatenate([self._unet(sample[i:i + fixed], t, context[i:i + fixed])
+                               for i in range(0, len(sample), fixed)])
+
+    def _one(self, prompt: str, steps: int, guidance: float, latent: np.ndarray) -> np.ndarray:
+        cond = self.encode([prompt])
+        guided = guidance > 1.0
+        context = np.concatenate([self.encode([""]), cond]) if guided else cond
+        x = latent[None].astype(np.float32)
+        for t in self.scheduler.timesteps(steps):
+            out = self._unet(np.concatenate([x, x]) if guided else x, t, context)
+            eps = out[:1] + guidance * (out[1:] - out[:1]) if guided else out
+            x = self.scheduler.step(eps, int(t), x, steps)
+        image = self.vae_decoder({"latent_sample": x / self.scaling})["sample"][0]
+        return (np.clip(image.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,201 @@
+"""Export: each format's files run (where their runtime exists here) and compute what PyTorch computes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pocketdiff.apps import modelio
+from pocketdiff.apps.errors import UserError
+from pocketdiff.export.exporter import ExportConfig, export_model
+
+from tests.conftest import CAPTIONS, tiny_unet_config
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    export_model(modelio.open_model(tiny_pipeline), ExportConfig(to=["onnx"]), out, log=lambda _: None)
+    return out / "onnx"
+
+
+def test_clip_bpe_matches_transformers(tiny_pipeline):
+    from transformers import CLIPTokenizer
+
+    from pocketdiff.export.clip_bpe import ClipBPE
+
+    ours, theirs = ClipBPE(tiny_pipeline / "tokenizer"), CLIPTokenizer.from_pretrained(tiny_pipeline / "tokenizer")
+    texts = [*CAPTIONS, "", "Red  APPLE!", "a zebra's unknown-word 42", "apple " * 60]
+    for text in texts:
+        expected = theirs(text, padding="max_length", max_length=theirs.model_max_length, truncation=True).input_ids
+        assert ours.encode(text) == expected, text
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_numpy_ddim_matches_diffusers(spacing, prediction):
+    from diffusers import DDIMScheduler
+
+    from pocketdiff.distill.zoo import scheduler_config
+    from pocketdiff.export.ddim import DDIM
+
+    config = {**scheduler_config(), "timestep_spacing": spacing, "prediction_type": prediction}
+    theirs, ours = DDIMScheduler.from_config(config), DDIM(config)
+    theirs.set_timesteps(4)
+    assert ours.timesteps(4).tolist() == theirs.timesteps.tolist()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    for t in ours.timesteps(4):
+        eps = rng.standard_normal(x.shape, dtype=np.float32)
+        expected = theirs.step(torch.from_numpy(eps), int(t), torch.from_numpy(x)).prev_sample.numpy()
+        x_next = ours.step(eps, int(t), x, 4)
+        np.testing.assert_allclose(x_next, expected, atol=1e-5)
+        x = x_next
+
+
+def test_onnx_layout_is_optimums(onnx_export):
+    import onnx
+
+    assert json.loads((onnx_export / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    for part in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"):
+        assert (onnx_export / part).exists(), part
+    contract = {
+        "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output"]),
+        "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
+        "vae_encoder": (["sample"], ["latent_parameters"]),
+        "vae_decoder": (["latent_sample"], ["sample"]),
+    }
+    for name, (inputs, outputs) in contract.items():
+        assert (onnx_export / name / "config.json").exists(), name
+        model = onnx.load(str(onnx_export / name / "model.onnx"))
+        assert [i.name for i in model.graph.input] == inputs
+        assert [o.name for o in model.graph.output] == outputs
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    unet = onnx.load(str(onnx_export / "unet" / "model.onnx"))
+    sample = [d.dim_param or d.dim_value for d in unet.graph.input[0].type.tensor_type.shape.dim]
+    assert sample == ["batch_size", 4, "height", "width"]
+    assert len(unet.graph.input[1].type.tensor_type.shape.dim) == 0  # timestep is a scalar, as optimum feeds it
+
+
+def test_onnx_parity_report_and_dynamic_shapes(onnx_export, tiny_pipeline):
+    report = json.loads((onnx_export / "parity.json").read_text())
+    assert report["ok"] and report["image_psnr"] >= 40
+    for entry in report["components"].values():
+        assert entry["max_abs"] < 1e-4
+    from pocketdiff.export.runtime import OnnxModel
+
+    unet = modelio.load_unet(modelio.open_model(tiny_pipeline))
+    session = OnnxModel(onnx_export / "unet" / "model.onnx")
+    for batch, size in ((1, 8), (3, 16), (2, 24)):
+        sample, context = torch.randn(batch, 4, size, size), torch.randn(batch, 77, 32)
+        with torch.no_grad():
+            expected = unet(sample, 321, context).sample.numpy()
+        got = session({"sample": sample.numpy(), "timestep": np.float32(321), "encoder_hidden_states": context.numpy()})
+        assert np.abs(got["out_sample"] - expected).max() < 1e-4, (batch, size)
+
+
+def test_generate_from_onnx_export_runs_without_torch(onnx_export, tmp_path):
+    script = (
+        "import sys\n"
+        "from pocketdiff.apps.cli import main\n"
+        f"sys.argv = ['pocketdiff', 'generate', '--backend', 'onnx', '--model', {str(onnx_export)!r}, "
+        f"'--prompt', 'red apple', '--prompt', 'rocket', '--steps', '3', '--out', {str(tmp_path)!r}, '--grid']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list(tmp_path.glob("*seed*.png"))) == 2 and (tmp_path / "grid.png").exists()
+
+
+def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
+    result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), "--to", "onnx", "--components", "text_encoder",
+                             "--max-abs", "1e-12", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "onnx text_encoder: max-abs error" in result.stderr
+    assert not json.loads((tmp_path / "onnx" / "parity.json").read_text())["ok"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--to", "tflite"], "to.0: Input should be 'onnx', 'executorch' or 'coreml'"),
+    (["--to", "onnx", "--precision", "int8"], "ONNX export takes precision fp32 or fp16"),
+    (["--components", "safety_checker"], "components.0: Input should be"),
+])
+def test_bad_export_requests_exit_2(tiny_pipeline, tmp_path, args, message):
+    result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), *args, "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_onnx_fp16_stays_close(tiny_pipeline, tmp_path):
+    config = ExportConfig(to=["onnx"], precision="fp16", components=["unet"])
+    report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["onnx"]
+    assert report["ok"] and report["components"]["unet"]["rel"] < 5e-2
+    assert "image_psnr" not in report  # a UNet alone has no end-to-end check
+
+
+@pytest.mark.slow
+def test_executorch_pipeline_matches_pytorch(tiny_pipeline, tmp_path):
+    config = ExportConfig(to=["executorch"], components=["text_encoder", "unet", "vae_decoder"])
+    report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["executorch"]
+    assert report["ok"] and report["image_psnr"] >= 40
+    io = json.loads((tmp_path / "executorch" / "unet" / "io.json").read_text())
+    assert io["inputs"] == ["sample", "timestep", "encoder_hidden_states"] and io["shapes"]["sample"][0] == 2
+    from pocketdiff.export.runtime import ExportedPipeline
+
+    unguided = ExportedPipeline(tmp_path / "executorch", "executorch")(["rocket"], 2, 1.0)  # batch 1 on a batch-2 program
+    assert unguided.shape == (1, 32, 32, 3)
+
+
+def _unet_folder(tmp_path, name, **overrides):
+    folder = tmp_path / name
+    folder.mkdir()
+    torch.manual_seed(0)
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_config(tiny_unet_config(**overrides)).save_pretrained(folder)
+    return folder
+
+
+def test_coreml_pipeline_follows_swift_contract(tiny_pipeline, tmp_path):
+    report = export_model(modelio.open_model(tiny_pipeline), ExportConfig(to=["coreml"]), tmp_path,
+                          log=lambda _: None)["coreml"]
+    resources = tmp_path / "coreml" / "Resources"
+    for name in ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"):
+        assert (resources / f"{name}.mlpackage").is_dir(), name
+    assert (resources / "vocab.json").exists() and (resources / "merges.txt").exists()
+    parts = report["components"]
+    assert parts["text_encoder"]["inputs"] == {"input_ids": [1, 77]}
+    assert parts["text_encoder"]["outputs"] == ["last_hidden_state", "pooled_outputs"]
+    assert parts["unet"]["inputs"] == {"sample": [2, 4, 8, 8], "timestep": [2], "encoder_hidden_states": [2, 32, 1, 77]}
+    assert parts["unet"]["outputs"] == ["noise_pred"]
+    assert parts["vae_decoder"]["inputs"] == {"z": [1, 4, 8, 8]} and parts["vae_decoder"]["outputs"] == ["image"]
+    assert "FLOAT16" in parts["unet"]["const_dtypes"] and report["precision"] == "fp16"
+    if sys.platform != "darwin":
+        assert parts["unet"]["numeric"].startswith("numeric check skipped")
+
+
+def test_coreml_takes_midblockless_and_guidance_embedded_unets(tmp_path):
+    pruned = _unet_folder(tmp_path, "no-mid", mid_block_type=None)
+    report = export_model(modelio.open_model(pruned), ExportConfig(to=["coreml"]), tmp_path / "a", log=lambda _: None)
+    assert report["coreml"]["components"]["unet"]["outputs"] == ["noise_pred"]
+    lcm = _unet_folder(tmp_path, "lcm", time_cond_proj_dim=16)
+    report = export_model(modelio.open_model(lcm), ExportConfig(to=["coreml"]), tmp_path / "b", log=lambda _: None)
+    inputs = report["coreml"]["components"]["unet"]["inputs"]
+    assert inputs["timestep_cond"] == [1, 16] and inputs["sample"][0] == 1  # guidance-free student: batch one
+
+
+def test_sdxl_pipeline_is_refused_clearly():
+    from pocketdiff.export.components import model_components
+
+    class FakePipe:
+        text_encoder_2 = object()
+
+    ref = modelio.ModelRef(modelio.DEFAULT_MODEL, "pipeline", "StableDiffusionXLPipeline", False)
+    with pytest.raises(UserError, match="SDXL UNet folder on its own"):
+        model_components(ref, FakePipe())

@@ -167,6 +167,7 @@ def export_(model: ModelArg,
             to: Annotated[str, typer.Option(help="Comma-separated formats: onnx, executorch, coreml.")] = "onnx",
             precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8 (default: fp32; Core ML fp16).")] = None,
             components: Annotated[Optional[str], typer.Option(help="Comma-separated subset of text_encoder, unet, vae_encoder, vae_decoder.")] = None,
+            executorch_backends: Annotated[str, typer.Option(help="Comma-separated ExecuTorch partitioners: xnnpack, coreml, mps, vulkan, qnn.")] = "xnnpack",
             max_abs: Annotated[float, typer.Option(help="fp32 per-component max-abs error limit.")] = 1e-3,
             min_psnr: Annotated[Optional[float], typer.Option(help="End-to-end image PSNR limit in dB (default by precision: 40 fp32, 30 fp16, 25 int8).")] = None,
             allow_pickle: AllowPickle = False):
@@ -176,7 +177,7 @@ def export_(model: ModelArg,
     from ..export.exporter import ExportConfig, export_model
     from ..export.parity import ParityThresholds
 
-    fields = {"to": to.split(","), "precision": precision}
+    fields = {"to": to.split(","), "precision": precision, "executorch_backends": executorch_backends.split(",")}
     if components:
         fields["components"] = components.split(",")
     limits = {"max_abs_fp32": max_abs}

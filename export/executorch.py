@@ -30,7 +30,6 @@ PARTITIONERS = {
     "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner"),
     "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner"),
     "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner", "VulkanPartitioner"),
-    "qnn": ("executorch.backends.qualcomm.partition.qnn_partitioner", "QnnPartitioner"),
 }
 
 
@@ -41,16 +40,16 @@ def check_precision(precision: str) -> None:
 
 def partitioner(name: str):
     """The named backend's partitioner, or a one-line error saying what is missing."""
+    if name == "qnn":
+        raise UserError("ExecuTorch backend 'qnn' needs a Qualcomm SoC compile spec; use xnnpack here")
     if name not in PARTITIONERS:
-        raise UserError(f"unknown ExecuTorch backend '{name}' (known: {', '.join(PARTITIONERS)})")
+        raise UserError(f"unknown ExecuTorch backend '{name}' (known: {', '.join(PARTITIONERS)}, qnn)")
     module, cls = PARTITIONERS[name]
     try:
         partitioner_cls = getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as err:
         raise UserError(f"ExecuTorch backend '{name}' is not available here ({_first_line(err)}); "
                         "install its ExecuTorch extras or use xnnpack") from None
-    if name == "qnn":
-        raise UserError("ExecuTorch backend 'qnn' needs a Qualcomm SoC compile spec; use xnnpack here")
     return partitioner_cls()
 
 

@@ -36,6 +36,7 @@ class ExportConfig(BaseModel):
     precision: Literal["fp32", "fp16", "int8"] | None = None  # None: each format's default (Core ML fp16)
     components: list[Literal["text_encoder", "unet", "vae_encoder", "vae_decoder"]] = Field(
         default_factory=lambda: list(PIPELINE_COMPONENTS), min_length=1)
+    executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1)
     prompts: list[str] = Field(default_factory=lambda: ["red apple", "rocket"], min_length=1)
     steps: int = Field(4, ge=1)
     guidance: float = Field(7.5, ge=0)
@@ -93,16 +94,17 @@ def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
     names = list(config.components) if ref.kind == "pipeline" else ["unet"]
     size = trace_latent_size(modelio.unet_config(ref)) if module.DYNAMIC_SHAPES else None
     report = {"format": fmt, "precision": precision, "model": str(ref.path), "components": {}}
-    exported = {}
     for component in model_components(ref, pipe, tuple(names), size):
         if hasattr(module, "adapt"):
             component = module.adapt(component, pipe, ref)
         began = time.perf_counter()
-        extra = {}
-        if precision == "int8" and component.name == "unet" and pipe is not None:
+        # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
+        own_precision = "fp32" if precision == "int8" and component.name != "unet" else precision
+        extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
+        if own_precision == "int8" and pipe is not None:
             extra["calibration"] = module.record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
-        path = module.export_component(component, out / component.name, precision, **extra)
-        entry = {"file": str(path.relative_to(out)), "bytes": module.file_bytes(path),
+        path = module.export_component(component, out / component.name, own_precision, **extra)
+        entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
                  "export_seconds": round(time.perf_counter() - began, 2)}
         runner = module.load(path)
         if runner is None:
@@ -112,7 +114,6 @@ def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
             expected = _numpy(component.run())
             entry.update(parity.compare(expected, runner(_numpy(component.inputs))))
         report["components"][component.name] = entry
-        exported[component.name] = path
         check = entry.get("numeric") or f"max-abs {entry['max_abs']:.2e} vs PyTorch"
         log(f"{fmt} {component.name}: {entry['bytes'] / 1e6:.1f} MB in {entry['export_seconds']:.1f} s, {check}")
     module.write_layout(ref, out, names)

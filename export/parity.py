@@ -70,7 +70,7 @@ def write_report(report: dict, out: Path, thresholds: ParityThresholds) -> None:
     precision = report["precision"]
     failures = []
     for name, entry in report["components"].items():
-        why = component_failure(entry, precision, thresholds)
+        why = component_failure(entry, entry.get("precision", precision), thresholds)
         entry["ok"] = why is None
         if why:
             failures.append(f"{report['format']} {name}: {why}")

@@ -199,3 +199,12 @@ def test_sdxl_pipeline_is_refused_clearly():
     ref = modelio.ModelRef(modelio.DEFAULT_MODEL, "pipeline", "StableDiffusionXLPipeline", False)
     with pytest.raises(UserError, match="SDXL UNet folder on its own"):
         model_components(ref, FakePipe())
+
+
+@pytest.mark.parametrize("backend, message", [("tpu", "unknown ExecuTorch backend 'tpu'"),
+                                              ("qnn", "needs a Qualcomm SoC compile spec")])
+def test_executorch_backends_refuse_clearly(backend, message):
+    from pocketdiff.export.executorch import partitioner
+
+    with pytest.raises(UserError, match=message):
+        partitioner(backend)

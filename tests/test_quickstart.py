@@ -16,7 +16,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     subprocess.run(command, check=True, capture_output=True, text=True)
     run_dir = tmp_path / "quickstart"
     stages = sorted(p.name for p in run_dir.iterdir())
-    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate"]
+    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-export"]
     manifests = {name: read_manifest(run_dir / name) for name in stages}
     assert all(m["status"] == "done" for m in manifests.values())
     assert (run_dir / "01-generate" / "grid.png").exists()
@@ -27,5 +27,8 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     assert teacher[key]["retrieval_accuracy"] > 5 / 256  # the teacher is far above chance, though far below real
     assert pruned[key]["prompt_score"] < teacher[key]["prompt_score"]  # pruning without KD costs quality
     assert manifests["03-prune"]["metrics"]["params_after"] < 0.7 * manifests["03-prune"]["metrics"]["params_before"]
+    exported = manifests["05-export"]["metrics"]
+    assert exported["onnx/image_psnr"] >= 40 and exported["onnx/unet/max_abs"] < 1e-3
+    assert (run_dir / "05-export" / "onnx" / "unet" / "model.onnx").exists()
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.count("skipped") == 4
+    assert again.stdout.count("skipped") == 5

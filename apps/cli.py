@@ -81,17 +81,39 @@ def inspect_(model: ModelArg,
 def prune(model: ModelArg,
           out: Annotated[Path, typer.Option(help="Folder for the pruned model (diffusers format).")],
           preset: Annotated[Optional[str], typer.Option(help="BK-SDM preset: bk-base, bk-small or bk-tiny.")] = None,
-          target: Annotated[Optional[str], typer.Option(help="Automatic pruning to a target, e.g. params=0.5.")] = None,
+          target: Annotated[Optional[str], typer.Option(
+              help="One-shot pruning to a target: params=R or macs=R keeps at most R of the teacher's.")] = None,
+          criterion: Annotated[str, typer.Option(help="With --target: distortion, magnitude or random.")] = "distortion",
+          prompt: Annotated[Optional[list[str]], typer.Option(
+              help="Calibration prompt for the distortion criterion; repeat for several (default: 16 built in).")] = None,
+          steps: Annotated[int, typer.Option(min=1, help="Sampling steps of each calibration trajectory.")] = 10,
+          guidance: Annotated[float, typer.Option(min=0.0)] = 7.5,
+          seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
           allow_pickle: AllowPickle = False):
-    """Remove UNet blocks (BK-SDM presets) and save a model stock diffusers loads, with a report."""
-    from ..compress.prune import prune_preset
+    """Remove UNet blocks (a BK-SDM preset or one-shot to a target) and save a model stock diffusers loads."""
+    from rich.progress import track
 
-    if target is not None:
-        raise UserError("automatic one-shot pruning (--target) is not built yet (issue #4); use --preset")
-    if preset is None:
-        raise UserError("prune needs --preset bk-base|bk-small|bk-tiny")
-    report = prune_preset(_open(model, allow_pickle), preset, out)
-    table = Table(title=f"{preset}: removed {len(report['removed'])} layers")
+    from ..compress.oneshot import parse_target
+    from ..compress.prune import prune_preset, prune_to_target
+
+    if (preset is None) == (target is None):
+        raise UserError("prune needs either --preset bk-base|bk-small|bk-tiny or --target params=R|macs=R")
+    ref = _open(model, allow_pickle)
+    if preset is not None:
+        report = prune_preset(ref, preset, out)
+        title = f"{preset}: removed {len(report['removed'])} layers"
+    else:
+        report = prune_to_target(ref, parse_target(target), out, criterion, prompt, steps, guidance, seed,
+                                 progress=lambda units: track(units, description="scoring units", console=console))
+        title = f"{target} by {criterion}: removed {len(report['removed_units'])} units"
+        units = Table(title="units (score: relative output error when removed alone)")
+        for column in ("unit", "score", "saves", "removed"):
+            units.add_column(column, justify="left" if column == "unit" else "right")
+        for unit in sorted(report["units"], key=lambda u: u["score"]):
+            units.add_row(unit["name"], f"{unit['score']:.4g}", f"{unit['saves']:.1%}",
+                          str(unit["removed_order"] or ""))
+        console.print(units)
+    table = Table(title=title)
     for column in ("", "before", "after", "ratio"):
         table.add_column(column, justify="right" if column else "left")
     for label, key, scale in (("params (M)", "params", 1e6), ("conv+linear MACs (G)", "macs", 1e9),
@@ -112,6 +134,8 @@ def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for 
              out: Annotated[Path, typer.Option(help="Output folder for PNGs.")] = Path("generated"),
              grid: Annotated[bool, typer.Option(help="Also write a labelled grid.png.")] = False,
              backend: Annotated[str, typer.Option(help="torch, or onnx / executorch to run an export's files.")] = "torch",
+             etdump: Annotated[Optional[Path], typer.Option(
+                 help="With --backend executorch: write each component's ETDump (per-op timings) here.")] = None,
              allow_pickle: AllowPickle = False):
     """Text → image PNGs (prompt i uses seed + i). onnx runs on onnxruntime and numpy alone, without torch."""
     from .generate import labelled_grid, save_images
@@ -120,12 +144,18 @@ def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for 
         from . import modelio
         from .generate import generate_images
 
+        if etdump:
+            raise UserError("ETDump is ExecuTorch's trace: --etdump needs --backend executorch")
         pipe = modelio.load_pipeline(_open(model, allow_pickle))
         images = generate_images(pipe, prompt, steps, guidance, seed)
     else:
         from ..export.runtime import ExportedPipeline
 
-        images = ExportedPipeline(Path(model), backend)(prompt, steps, guidance, seed)
+        exported = ExportedPipeline(Path(model), backend, etdump=etdump is not None)
+        images = exported(prompt, steps, guidance, seed)
+        if etdump:
+            for path in exported.write_etdumps(etdump):
+                console.print(f"ETDump: {path}")
     for path in save_images(images, prompt, out, seed):
         console.print(str(path))
     if grid:

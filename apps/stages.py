@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..export.exporter import ExportConfig
+from .errors import UserError
 from .runner import StageContext, StageResult
 
 
@@ -40,15 +41,44 @@ class EvaluateConfig(StageConfig):
 
 
 class PruneConfig(StageConfig):
-    """BK-SDM block removal; the pruned model is this stage's output folder."""
+    """Layer pruning, by a BK-SDM preset or one-shot to a target; the pruned model is this stage's output folder."""
 
-    preset: Literal["bk-base", "bk-small", "bk-tiny"]
+    preset: Literal["bk-base", "bk-small", "bk-tiny"] | None = None
+    target: str | None = None
+    criterion: Literal["distortion", "magnitude", "random"] = "distortion"
+    prompts: list[str] | None = Field(None, min_length=1)
+    steps: int = Field(10, ge=1)
+    guidance: float = Field(7.5, ge=0)
+    seed: int = 0
+
+    @field_validator("target")
+    @classmethod
+    def readable_target(cls, value):
+        from ..compress.oneshot import parse_target
+
+        if value is not None:
+            try:
+                parse_target(value)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def one_way(self):
+        if (self.preset is None) == (self.target is None):
+            raise ValueError("give either preset or target")
+        return self
 
 
 def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
-    from ..compress.prune import prune_preset
+    from ..compress.oneshot import parse_target
+    from ..compress.prune import prune_preset, prune_to_target
 
-    report = prune_preset(ctx.model, config.preset, ctx.out)
+    if config.preset:
+        report = prune_preset(ctx.model, config.preset, ctx.out)
+    else:
+        report = prune_to_target(ctx.model, parse_target(config.target), ctx.out, config.criterion, config.prompts,
+                                 config.steps, config.guidance, config.seed)
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 

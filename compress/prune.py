@@ -1,22 +1,33 @@
 """Prune a model folder and save the result as a diffusers folder that stock diffusers loads.
 
-A pipeline comes back as a pipeline with the pruned UNet swapped in; a bare UNet as a bare UNet.
-An architecture-only input (configs, no weights) gives an architecture-only output, so SD-scale
-presets can be sized and profiled without weights. The report names every removed layer and the
-parameters and MACs before and after, per block.
+Two ways in: a BK-SDM preset (`prune_preset`) or one-shot pruning to a parameter or MAC target
+(`prune_to_target`). A pipeline comes back as a pipeline with the pruned UNet swapped in; a bare
+UNet as a bare UNet. An architecture-only input (configs, no weights) gives an architecture-only
+output, so SD-scale presets can be sized and profiled without weights. The report names every
+removed layer and the parameters and MACs before and after, per block; a target run adds every
+unit's score and the order the units went in.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..apps import modelio
+from ..apps.errors import UserError
 from ..devices.macs import census_model
-from .blocks import remove_blocks
+from . import oneshot
+from .blocks import build_student, remove_blocks, teacher_plan
+from .calibration import batched, record_unet_inputs
+
+# Everyday subjects for calibration trajectories; the embedded default knows them as emoji names.
+CALIBRATION_PROMPTS = ["red apple", "rocket", "dog face", "house", "grinning face", "automobile", "deciduous tree",
+                       "sun", "woman technologist", "pizza", "bicycle", "cat face", "snowman", "heart", "fire",
+                       "guitar"]
 
 
 def _copy_other_components(source: Path, out: Path) -> None:
@@ -28,17 +39,18 @@ def _copy_other_components(source: Path, out: Path) -> None:
             shutil.copytree(source / name, out / name, dirs_exist_ok=True)
 
 
-def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
-    """Apply a BK-SDM preset to `ref`; write the pruned model and `prune_report.json` to `out`; return the report."""
-    out = Path(out)
+def _teacher(ref: modelio.ModelRef):
+    """The teacher UNet: its weights, or an architecture on the meta device for a config-only folder."""
     if ref.unet_has_weights:
-        teacher = modelio.load_unet(ref)
-    else:
-        from diffusers import UNet2DConditionModel
+        return modelio.load_unet(ref)
+    from diffusers import UNet2DConditionModel
 
-        with torch.device("meta"):
-            teacher = UNet2DConditionModel.from_config(modelio.unet_config(ref))
-    student, removed = remove_blocks(teacher, preset)
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(modelio.unet_config(ref))
+
+
+def _save(ref: modelio.ModelRef, student, removed: list[str], out: Path, details: dict) -> dict:
+    """Write the pruned model and `prune_report.json`; return the report."""
     out.mkdir(parents=True, exist_ok=True)
     unet_dir = out / "unet" if ref.kind == "pipeline" else out
     if ref.kind == "pipeline":
@@ -47,11 +59,10 @@ def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
         student.save_pretrained(unet_dir, safe_serialization=True)
     else:
         student.save_config(unet_dir)
-
     (before,) = census_model(ref, unet_only=True)
     (after,) = census_model(modelio.open_model(out), unet_only=True)
     report = {
-        "preset": preset, "removed": removed,
+        **details, "removed": removed,
         "params_before": before.params, "params_after": after.params,
         "macs_before": before.macs, "macs_after": after.macs,
         "attention_macs_before": before.attention_macs, "attention_macs_after": after.attention_macs,
@@ -61,3 +72,59 @@ def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
     }
     (out / "prune_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
+    """Apply a BK-SDM preset to `ref`; write the pruned model and `prune_report.json` to `out`; return the report."""
+    student, removed = remove_blocks(_teacher(ref), preset)
+    return _save(ref, student, removed, Path(out), {"preset": preset})
+
+
+def calibration_batches(ref: modelio.ModelRef, prompts: list[str], steps: int, guidance: float) -> list[dict]:
+    """UNet inputs along the teacher pipeline's sampling trajectories, in batches of 16 calls."""
+    config = modelio.unet_config(ref)
+    if ref.kind != "pipeline":
+        raise UserError(f"{ref.path}: the distortion criterion samples the teacher pipeline for calibration inputs; "
+                        "give a pipeline folder, or use --criterion magnitude or random")
+    if config.get("addition_embed_type") or config.get("time_cond_proj_dim"):
+        raise UserError("the distortion criterion records SD-1/2-style UNet inputs; this UNet takes added conditions "
+                        "(SDXL or a guidance-embedded student): use --criterion magnitude or random")
+    pipe = modelio.load_pipeline(ref)
+    return batched(record_unet_inputs(pipe, prompts, steps, guidance), 16)
+
+
+def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, criterion: str = "distortion",
+                    prompts: list[str] | None = None, steps: int = 10, guidance: float = 7.5, seed: int = 0,
+                    progress: Callable = iter) -> dict:
+    """One-shot pruning of `ref`'s UNet to `target`; write the pruned model and its report to `out`."""
+    if criterion not in oneshot.CRITERIA:
+        raise UserError(f"unknown criterion {criterion!r} (choose from {', '.join(oneshot.CRITERIA)})")
+    if criterion != "random" and not ref.unet_has_weights:
+        raise UserError(f"{ref.unet_path}: architecture only (no weights); the {criterion} criterion reads the "
+                        "teacher's weights (use --criterion random, or a preset)")
+    prompts = prompts or CALIBRATION_PROMPTS
+    batches = calibration_batches(ref, prompts, steps, guidance) if criterion == "distortion" else []
+    teacher = _teacher(ref)
+    config = dict(teacher.config)
+    costs = oneshot.Costs(config, target.metric)
+    units = oneshot.removable_units(config, costs)
+    if criterion == "distortion":
+        scores = oneshot.distortion_scores(teacher, units, batches, progress)
+    elif criterion == "magnitude":
+        scores = oneshot.magnitude_scores(teacher, units)
+    else:
+        scores = oneshot.random_scores(units, seed)
+    start = teacher_plan(config)
+    chosen = oneshot.select(units, scores, costs, start, target)
+    student, removed = build_student(teacher, oneshot.apply_all(start, chosen))
+    full = costs(start)
+    details = {
+        "target": str(target), "criterion": criterion, "seed": seed,
+        "calibration": {"prompts": prompts, "steps": steps, "guidance": guidance,
+                        "unet_calls": sum(len(b["sample"]) for b in batches)} if batches else None,
+        "units": [{"name": u.name, "score": scores[u.name],
+                   "saves": 1 - costs(u.apply(start)) / full,
+                   "removed_order": chosen.index(u) + 1 if u in chosen else None} for u in units],
+        "removed_units": [u.name for u in chosen],
+    }
+    return _save(ref, student, removed, Path(out), details)

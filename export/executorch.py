@@ -75,27 +75,6 @@ def quantize_int8(component: Component, calibration: list[tuple]) -> torch.nn.Mo
     return convert_pt2e(prepared)
 
 
-def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
-    """The UNet's inputs along the PyTorch pipeline's own sampling trajectories: int8 calibration data."""
-    recorded = []
-
-    def hook(_module, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        recorded.append((sample.clone(), torch.as_tensor(timestep, dtype=torch.float32).reshape(()),
-                         kwargs["encoder_hidden_states"].clone()))
-
-    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for i, prompt in enumerate(prompts):
-                pipe([prompt], num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
-                     generator=torch.Generator().manual_seed(i))
-    finally:
-        handle.remove()
-    return recorded
-
-
 def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
     """Repeat or cut a recorded input to the program's fixed batch."""
     if value.dim() == 0 or value.shape[0] == example.shape[0]:

@@ -102,7 +102,9 @@ def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
         own_precision = "fp32" if precision == "int8" and component.name != "unet" else precision
         extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
         if own_precision == "int8" and pipe is not None:
-            extra["calibration"] = module.record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
+            from ..compress.calibration import record_unet_inputs
+
+            extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
         path = module.export_component(component, out / component.name, own_precision, **extra)
         entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
                  "export_seconds": round(time.perf_counter() - began, 2)}

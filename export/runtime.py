@@ -45,12 +45,13 @@ class OnnxModel:
 class ExecuTorchModel:
     """A `.pte` program; input order and output names come from the `io.json` written beside it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, etdump: bool = False):
         import torch
         from executorch.runtime import Runtime
 
         self.torch = torch
-        self.method = Runtime.get().load_program(Path(path)).load_method("forward")
+        self.program = Runtime.get().load_program(Path(path), enable_etdump=etdump)
+        self.method = self.program.load_method("forward")
         io = json.loads((Path(path).parent / "io.json").read_text())
         self.input_names, self.output_names = io["inputs"], io["outputs"]
         self.static_shapes = {k: tuple(v) for k, v in io.get("shapes", {}).items()}
@@ -66,32 +67,39 @@ class ExecuTorchModel:
         outputs = self.method.execute(tensors)
         return {name: out.numpy() for name, out in zip(self.output_names, outputs)}
 
+    def write_etdump(self, path: Path) -> Path:
+        """The ETDump of every call since loading: per-op and per-delegate timings for ExecuTorch's Inspector."""
+        self.program.write_etdump_result_to_file(str(path), None)
+        return path
 
-def load_model(path: Path):
+
+def load_model(path: Path, etdump: bool = False):
     path = Path(path)
     if path.suffix == ".onnx":
         return OnnxModel(path)
     if path.suffix == ".pte":
-        return ExecuTorchModel(path)
+        return ExecuTorchModel(path, etdump)
     raise UserError(f"{path}: not an exported model (.onnx or .pte)")
 
 
 class ExportedPipeline:
     """Text → uint8 images from an exported folder (optimum's layout), on one backend."""
 
-    def __init__(self, folder: Path, backend: str):
+    def __init__(self, folder: Path, backend: str, etdump: bool = False):
         folder = Path(folder)
         if backend not in BACKEND_FILES:
             raise UserError(f"backend '{backend}' has no exported-pipeline runner (choose onnx or executorch)")
+        if etdump and backend != "executorch":
+            raise UserError("ETDump is ExecuTorch's trace: --etdump needs --backend executorch")
         file = BACKEND_FILES[backend]
         missing = [p for p in ("text_encoder", "unet", "vae_decoder") if not (folder / p / file).exists()]
         if missing:
             raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
         self.tokenizer = ClipBPE(folder / "tokenizer")
         self.scheduler = DDIM.from_folder(folder / "scheduler")
-        self.text_encoder = load_model(folder / "text_encoder" / file)
-        self.unet = load_model(folder / "unet" / file)
-        self.vae_decoder = load_model(folder / "vae_decoder" / file)
+        self.text_encoder = load_model(folder / "text_encoder" / file, etdump)
+        self.unet = load_model(folder / "unet" / file, etdump)
+        self.vae_decoder = load_model(folder / "vae_decoder" / file, etdump)
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
         vae_config = json.loads((folder / "vae_decoder" / "config.json").read_text())
         self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
@@ -100,6 +108,12 @@ class ExportedPipeline:
         if self.unet_extra:
             raise UserError(f"{folder}: the exported-pipeline runner handles SD-1.x/2.x UNets; this one also takes "
                             f"{', '.join(self.unet_extra)}")
+
+    def write_etdumps(self, out: Path) -> list[Path]:
+        """One `<component>.etdp` per component, covering every call so far."""
+        out.mkdir(parents=True, exist_ok=True)
+        return [model.write_etdump(out / f"{name}.etdp") for name, model in
+                (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae_decoder", self.vae_decoder))]
 
     def initial_latents(self, count: int, seed: int) -> np.ndarray:
         """Prompt i's starting noise from its own generator seeded `seed + i` (numpy's PCG64)."""

@@ -55,6 +55,27 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-pipeline")
 
 
+def three_stage_config() -> dict:
+    """Two layers per stage and a mid block: every BK preset and pruning unit applies."""
+    return tiny_unet_config(block_out_channels=[32, 64, 64], layers_per_block=2,
+                            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+
+
+@pytest.fixture(scope="session")
+def three_stage_pipeline(tiny_pipeline, tmp_path_factory) -> Path:
+    """The tiny pipeline with a three-stage, two-layer UNet (seeded random weights)."""
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    folder = tmp_path_factory.mktemp("models") / "three-stage"
+    shutil.copytree(tiny_pipeline, folder, ignore=shutil.ignore_patterns("unet"))
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(three_stage_config()).save_pretrained(folder / "unet")
+    return folder
+
+
 @pytest.fixture
 def sd15_unet_folder(tmp_path) -> Path:
     """SD-1.5's UNet config alone (diffusers' published values): architecture, no weights."""

@@ -132,6 +132,14 @@ def test_bad_export_requests_exit_2(tiny_pipeline, tmp_path, args, message):
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_etdump_needs_executorch(tiny_pipeline, tmp_path, backend):
+    result = subprocess.run(["pocketdiff", "generate", "--prompt", "rocket", "--model", str(tiny_pipeline), "--backend",
+                             backend, "--etdump", str(tmp_path / "d"), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: ETDump is ExecuTorch's trace: --etdump needs --backend executorch"
+
+
 def test_onnx_fp16_stays_close(tiny_pipeline, tmp_path):
     config = ExportConfig(to=["onnx"], precision="fp16", components=["unet"])
     report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["onnx"]
@@ -148,8 +156,17 @@ def test_executorch_pipeline_matches_pytorch(tiny_pipeline, tmp_path):
     assert io["inputs"] == ["sample", "timestep", "encoder_hidden_states"] and io["shapes"]["sample"][0] == 2
     from pocketdiff.export.runtime import ExportedPipeline
 
-    unguided = ExportedPipeline(tmp_path / "executorch", "executorch")(["rocket"], 2, 1.0)  # batch 1 on a batch-2 program
+    traced = ExportedPipeline(tmp_path / "executorch", "executorch", etdump=True)
+    unguided = traced(["rocket"], 2, 1.0)  # batch 1 on a batch-2 program
     assert unguided.shape == (1, 32, 32, 3)
+    from executorch.devtools import Inspector
+
+    dumps = traced.write_etdumps(tmp_path / "etdump")
+    assert [d.name for d in dumps] == ["text_encoder.etdp", "unet.etdp", "vae_decoder.etdp"]
+    (execute,) = [b for b in Inspector(etdump_path=str(dumps[1])).event_blocks if b.name == "Execute"]
+    assert {len(e.perf_data.raw) for e in execute.events} == {2}  # every op timed in each of the 2 UNet calls
+    names = {e.name for e in execute.events}
+    assert "DELEGATE_CALL" in names and any("GEMM" in n for n in names)  # XNNPACK's own kernels are named
 
 
 def _unet_folder(tmp_path, name, **overrides):

@@ -11,16 +11,10 @@ from pocketdiff.apps import modelio
 from pocketdiff.apps.errors import UserError
 from pocketdiff.compress.blocks import preset_config, remove_blocks
 from pocketdiff.compress.prune import prune_preset
-from tests.conftest import tiny_unet_config
+from tests.conftest import three_stage_config, tiny_unet_config
 
 # BK-SDM's table (params, conv+linear MACs at 512 px)
 BK_TABLE = {"bk-base": (579.4e6, 223.8e9), "bk-small": (482.3e6, 217.6e9), "bk-tiny": (323.4e6, 205.0e9)}
-
-
-def three_stage_config():
-    return tiny_unet_config(block_out_channels=[32, 64, 64], layers_per_block=2,
-                            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
 
 
 @pytest.mark.parametrize("preset", list(BK_TABLE))
@@ -62,24 +56,15 @@ def test_kept_layers_carry_teacher_weights_and_reload(tmp_path, preset):
     assert reloaded.config.layers_per_block == 1 and (reloaded.mid_block is None) == (preset != "bk-base")
 
 
-def test_pruned_pipeline_loads_in_stock_diffusers(tiny_pipeline, tmp_path):
-    teacher_unet = json.loads((tiny_pipeline / "unet" / "config.json").read_text())
-    if teacher_unet["layers_per_block"] < 2:  # the shared tiny pipeline has one layer per block
-        with pytest.raises(UserError, match="needs layers_per_block ≥ 2"):
-            prune_preset(modelio.open_model(tiny_pipeline), "bk-base", tmp_path / "out")
-    folder = tmp_path / "three-stage"
-    import shutil
-
-    shutil.copytree(tiny_pipeline, folder)
-    shutil.rmtree(folder / "unet")
-    torch.manual_seed(0)
-    UNet2DConditionModel.from_config(three_stage_config()).save_pretrained(folder / "unet")
-    prune_preset(modelio.open_model(folder), "bk-tiny", tmp_path / "tiny")
+def test_pruned_pipeline_loads_in_stock_diffusers(tiny_pipeline, three_stage_pipeline, tmp_path):
+    with pytest.raises(UserError, match="needs layers_per_block ≥ 2"):  # the shared tiny pipeline has one layer
+        prune_preset(modelio.open_model(tiny_pipeline), "bk-base", tmp_path / "out")
+    prune_preset(modelio.open_model(three_stage_pipeline), "bk-tiny", tmp_path / "tiny")
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny")
     assert len(pipe.unet.down_blocks) == 2 and pipe.unet.mid_block is None
     assert pipe("rocket", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     assert (tmp_path / "tiny" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (folder / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+        (three_stage_pipeline / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 def test_sdxl_presets_apply(tmp_path):
@@ -100,31 +85,16 @@ def test_unknown_preset():
         preset_config(tiny_unet_config(layers_per_block=2), "bk-huge")
 
 
-def test_prune_stage_feeds_the_next_stage(tiny_pipeline, tmp_path):
-    import shutil
-
+def test_prune_stage_feeds_the_next_stage(three_stage_pipeline, tmp_path):
     from rich.console import Console
 
     from pocketdiff.apps.recipe import parse_recipe
     from pocketdiff.apps.runner import read_manifest, run_recipe
 
-    folder = tmp_path / "three-stage"
-    shutil.copytree(tiny_pipeline, folder, ignore=shutil.ignore_patterns("unet"))
-    torch.manual_seed(0)
-    UNet2DConditionModel.from_config(three_stage_config()).save_pretrained(folder / "unet")
-    recipe = parse_recipe(f"name: p\nmodel: {folder}\nstages:\n  - prune: {{preset: bk-small}}\n"
+    recipe = parse_recipe(f"name: p\nmodel: {three_stage_pipeline}\nstages:\n  - prune: {{preset: bk-small}}\n"
                           "  - generate: {prompts: [ghost], steps: 1}\n", "p.yaml")
     run_dir = run_recipe(recipe, tmp_path / "runs", Console(quiet=True))
     pruned = read_manifest(run_dir / "01-prune")
     assert pruned["produced_model"] and pruned["metrics"]["params_after"] < pruned["metrics"]["params_before"]
     assert read_manifest(run_dir / "02-generate")["input"] == str(run_dir / "01-prune")
     assert StableDiffusionPipeline.from_pretrained(run_dir / "01-prune").unet.mid_block is None
-
-
-def test_cli_prune_target_is_not_built_yet(sd15_unet_folder, tmp_path):
-    import subprocess
-
-    result = subprocess.run(["pocketdiff", "prune", str(sd15_unet_folder), "--target", "params=0.5", "--out",
-                             str(tmp_path / "x")], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: automatic one-shot pruning (--target) is not built yet (issue #4); use --preset"

@@ -1,12 +1,13 @@
 """Recipes: validated per stage, unknown keys rejected, errors naming the field and the line."""
 
+import re
 from pathlib import Path
 
 import pytest
 
 from pocketdiff.apps.errors import UserError
 from pocketdiff.apps.recipe import load_recipe, parse_recipe
-from pocketdiff.apps.stages import EvaluateConfig, GenerateConfig
+from pocketdiff.apps.stages import STAGES, EvaluateConfig, GenerateConfig
 
 GOOD = """\
 name: demo
@@ -46,7 +47,8 @@ def test_unknown_top_level_key_and_missing_name():
 
 
 def test_unknown_stage_lists_built_ones():
-    with pytest.raises(UserError, match=r"demo.yaml:5: stages.0.generat: unknown stage \(built so far: evaluate, generate"):
+    built = re.escape(", ".join(sorted(STAGES)))
+    with pytest.raises(UserError, match=rf"demo.yaml:5: stages.0.generat: unknown stage \(built so far: {built}\)"):
         parse_recipe(GOOD.replace("- generate:", "- generat:"), "demo.yaml")
 
 

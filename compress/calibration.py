@@ -1,0 +1,45 @@
+"""UNet inputs recorded along the teacher's own sampling trajectories.
+
+Pruning scores and int8 calibration both need inputs the UNet actually meets: noisy latents at
+every timestep the sampler visits, with the text embeddings (conditional and unconditional) that
+classifier-free guidance feeds it. Recording them with a forward pre-hook while the stock pipeline
+samples gives exactly that, for any scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
+    """(sample, 0-d float timestep, encoder_hidden_states) per UNet call, sampling each prompt with seed = its index."""
+    recorded = []
+
+    def hook(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        recorded.append((sample.clone(), torch.as_tensor(timestep, dtype=torch.float32).reshape(()),
+                         kwargs["encoder_hidden_states"].clone()))
+
+    handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for i, prompt in enumerate(prompts):
+                pipe([prompt], num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+                     generator=torch.Generator().manual_seed(i))
+    finally:
+        handle.remove()
+    return recorded
+
+
+def batched(recorded: list[tuple], size: int) -> list[dict]:
+    """Recorded calls regrouped into UNet keyword batches of up to `size` calls, one timestep per sample."""
+    batches = []
+    for start in range(0, len(recorded), size):
+        group = recorded[start:start + size]
+        batches.append({
+            "sample": torch.cat([s for s, _, _ in group]),
+            "timestep": torch.cat([t.expand(s.shape[0]) for s, t, _ in group]),
+            "encoder_hidden_states": torch.cat([e for _, _, e in group]),
+        })
+    return batches

@@ -1,0 +1,197 @@
+"""One-shot layer pruning to a parameter or MAC target, after LAPTOP-Diff.
+
+1. Enumerate the teacher's removable units, as far as stock diffusers' config can express them
+   (see `blocks`): a down-stage layer together with a layer of the up block mirroring it, a block's
+   cross-attention, the mid block's attention, the mid block, the innermost stage. A unit whose
+   kept neighbours would not fit their new place (channel counts) is not offered.
+2. Score each unit alone:
+   - `distortion`: how far the UNet's output moves when only that unit is removed, as squared error
+     relative to the output's own energy, on inputs recorded along the teacher's sampling
+     trajectories across timesteps. LAPTOP-Diff's finding that these one-at-a-time losses add up
+     is what makes scoring units alone, once, enough.
+   - `magnitude`: mean |w| of the weights the unit removes (a baseline).
+   - `random`: seeded uniform scores (a baseline).
+3. Select: remove the unit with the least score per unit of cost saved, again and again, until the
+   target is met; then put back every removed unit the target can spare, the worst-scored first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..apps import modelio
+from ..apps.errors import UserError
+from ..devices.macs import count
+from .blocks import MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, shapes, source_keys, student_config, \
+    teacher_plan
+
+CRITERIA = ("distortion", "magnitude", "random")
+METRICS = ("params", "macs")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Keep at most `ratio` of the teacher UNet's `metric`."""
+
+    metric: str
+    ratio: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}={self.ratio:g}"
+
+
+def parse_target(text: str) -> Target:
+    metric, _, value = text.partition("=")
+    if metric == "latency":
+        raise UserError("latency targets need the device lookup table of the profiling issue (#9), not built yet; "
+                        "use params= or macs=")
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = -1.0
+    if metric not in METRICS or not 0 < ratio < 1:
+        raise UserError(f"target {text!r}: write params=R or macs=R, R the fraction of the teacher to keep (0 < R < 1)")
+    return Target(metric, ratio)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One removable unit; `apply` gives the plan without it, or None where it is already gone or cannot go."""
+
+    name: str
+    kind: str  # pair | down_attention | up_attention | mid_attention | mid | stage
+    stage: int = -1
+    down: int = -1
+    up: int = -1
+
+    def apply(self, plan: Plan) -> Plan | None:
+        s = self.stage
+        if self.kind == "pair":
+            if s >= plan.stages or len(plan.down[s]) < 2 or self.down not in plan.down[s] or self.up not in plan.up[s]:
+                return None
+            down, up = list(plan.down), list(plan.up)
+            down[s] = tuple(i for i in down[s] if i != self.down)
+            up[s] = tuple(i for i in up[s] if i != self.up)
+            return plan.replace(down=tuple(down), up=tuple(up))
+        if self.kind in ("down_attention", "up_attention"):
+            flags = getattr(plan, self.kind)
+            if s >= plan.stages or not flags[s]:
+                return None
+            return plan.replace(**{self.kind: flags[:s] + (False,) + flags[s + 1:]})
+        if self.kind == "mid_attention":
+            return plan.replace(mid=MID_WITHOUT_ATTENTION) if plan.mid == "UNetMidBlock2DCrossAttn" else None
+        if self.kind == "mid":
+            return plan.replace(mid=None) if plan.mid is not None else None
+        return plan.replace(down=plan.down[:-1], up=plan.up[:-1]) if plan.stages == s + 1 > 2 else None
+
+
+def apply_all(plan: Plan, units) -> Plan | None:
+    for unit in units:
+        plan = unit.apply(plan)
+        if plan is None:
+            return None
+    return plan
+
+
+class Costs:
+    """A plan's parameter or MAC count (None when it does not fit), built on the meta device and cached."""
+
+    def __init__(self, config: dict, metric: str):
+        self.config, self.metric = config, metric
+        self.teacher_shapes = shapes(instantiate(config, "meta", torch.float32))
+        self._known: dict[Plan, float | None] = {}
+
+    def __call__(self, plan: Plan) -> float | None:
+        if plan not in self._known:
+            self._known[plan] = self._measure(plan)
+        return self._known[plan]
+
+    def _measure(self, plan: Plan) -> float | None:
+        config = student_config(self.config, plan)
+        student = instantiate(config, "meta", torch.float32)
+        try:
+            source_keys(shapes(student), self.teacher_shapes, plan, len(self.config["down_block_types"]))
+        except UserError:
+            return None
+        if self.metric == "params":
+            return float(sum(p.numel() for p in student.parameters()))
+        inputs = modelio.unet_example_inputs(config, config["sample_size"], device="meta")
+        return float(count(student, lambda m: m(**inputs), "unet", tuple(inputs["sample"].shape)).macs)
+
+
+def removable_units(config: dict, costs: Costs) -> list[Unit]:
+    """Every unit the teacher can lose on its own."""
+    plan, stages = teacher_plan(config), len(config["down_block_types"])
+    units = [Unit(f"down_blocks.{s}.layers.{d}+up_blocks.{stages - 1 - s}.layers.{u}", "pair", s, d, u)
+             for s in range(stages) for d in plan.down[s] for u in plan.up[s]]
+    units += [Unit(f"down_blocks.{s}.attentions", "down_attention", s) for s in range(stages)]
+    units += [Unit(f"up_blocks.{stages - 1 - s}.attentions", "up_attention", s) for s in range(stages)]
+    units += [Unit("mid_block.attentions", "mid_attention"), Unit("mid_block", "mid"),
+              Unit(f"down_blocks.{stages - 1}+up_blocks.0", "stage", stages - 1)]
+    return [u for u in units if (p := u.apply(plan)) is not None and costs(p) is not None]
+
+
+def distortion_scores(unet, units: list[Unit], batches: list[dict], progress: Callable = iter) -> dict[str, float]:
+    """Output error of the UNet without each unit, relative to the teacher output's energy, over `batches`."""
+    plan = teacher_plan(dict(unet.config))
+    unet.eval()
+    scores = {}
+    with torch.no_grad():
+        reference = [unet(**batch).sample for batch in batches]
+        energy = sum(float(r.square().sum()) for r in reference)
+        for unit in progress(units):
+            student, _ = build_student(unet, unit.apply(plan))
+            student.eval()
+            error = sum(float((student(**b).sample - r).square().sum()) for b, r in zip(batches, reference))
+            scores[unit.name] = error / energy
+    return scores
+
+
+def magnitude_scores(unet, units: list[Unit]) -> dict[str, float]:
+    """Mean |w| over the weights each unit removes."""
+    plan, state = teacher_plan(dict(unet.config)), unet.state_dict()
+    scores = {}
+    for unit in units:
+        pruned = unit.apply(plan)
+        student = instantiate(student_config(dict(unet.config), pruned), "meta", torch.float32)
+        kept = set(source_keys(shapes(student), shapes(unet), pruned, plan.stages).values())
+        gone = [state[k] for k in state if k not in kept]
+        scores[unit.name] = float(sum(w.abs().sum() for w in gone) / sum(w.numel() for w in gone))
+    return scores
+
+
+def random_scores(units: list[Unit], seed: int) -> dict[str, float]:
+    return dict(zip((u.name for u in units), np.random.default_rng(seed).random(len(units)).tolist()))
+
+
+def select(units: list[Unit], scores: dict[str, float], costs: Costs, start: Plan, target: Target) -> list[Unit]:
+    """The units to remove: greedy by score per cost saved until the target holds, then what it can spare put back.
+
+    A unit's saving is measured once, removed alone from the teacher (one-shot, like its score); the
+    running cost is measured on the real plan after every removal.
+    """
+    full = costs(start)
+    budget = target.ratio * full
+    saving = {u.name: full - costs(u.apply(start)) for u in units}
+    chosen, plan = [], start
+    while costs(plan) > budget:
+        ranked = sorted((u for u in units if u not in chosen), key=lambda u: scores[u.name] / max(saving[u.name], 1.0))
+        for unit in ranked:
+            pruned = unit.apply(plan)
+            if pruned is not None and costs(pruned) is not None and costs(pruned) < costs(plan):
+                chosen.append(unit)
+                plan = pruned
+                break
+        else:
+            raise UserError(f"{target} is out of reach: removing every unit that fits leaves "
+                            f"{costs(plan) / full:.1%} of the {target.metric}")
+    for unit in sorted(chosen, key=lambda u: -scores[u.name]):
+        rest = [u for u in chosen if u is not unit]
+        plan = apply_all(start, rest)
+        if plan is not None and costs(plan) is not None and costs(plan) <= budget:
+            chosen = rest
+    return chosen

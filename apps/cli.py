@@ -145,7 +145,9 @@ def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for 
         from .generate import generate_images
 
         if etdump:
-            raise UserError("ETDump is ExecuTorch's trace: --etdump needs --backend executorch")
+            from ..export.runtime import ETDUMP_NEEDS_EXECUTORCH
+
+            raise UserError(ETDUMP_NEEDS_EXECUTORCH)
         pipe = modelio.load_pipeline(_open(model, allow_pickle))
         images = generate_images(pipe, prompt, steps, guidance, seed)
     else:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 CASES = [("default", "onnx", "fp32"), ("default", "executorch", "fp32"), ("default", "executorch", "int8"),
          ("default", "coreml", "fp16")]
-SD15_CASES = [("sd15", "onnx", "fp32"), ("sd15", "executorch", "fp32"), ("sd15", "coreml", "fp16")]
+SD15_CASES = [("sd15", "onnx", "fp32"), ("sd15", "executorch", "fp32"), ("sd15", "executorch", "int8"),
+              ("sd15", "coreml", "fp16")]
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
     "cross_attention_dim": 768, "layers_per_block": 2, "sample_size": 64, "in_channels": 4, "out_channels": 4,

@@ -86,7 +86,8 @@ class Unit:
             return plan.replace(mid=MID_WITHOUT_ATTENTION) if plan.mid == "UNetMidBlock2DCrossAttn" else None
         if self.kind == "mid":
             return plan.replace(mid=None) if plan.mid is not None else None
-        return plan.replace(down=plan.down[:-1], up=plan.up[:-1]) if plan.stages == s + 1 > 2 else None
+        innermost, keeps_two = plan.stages == s + 1, plan.stages > 2  # the innermost stage, leaving at least two
+        return plan.replace(down=plan.down[:-1], up=plan.up[:-1]) if innermost and keeps_two else None
 
 
 def apply_all(plan: Plan, units) -> Plan | None:

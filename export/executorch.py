@@ -58,7 +58,15 @@ def _first_line(err: Exception) -> str:
 
 
 def quantize_int8(component: Component, calibration: list[tuple]) -> torch.nn.Module:
-    """PT2E static int8 (per-channel weights, per-tensor activations) with XNNPACK's quantizer."""
+    """PT2E static int8 of the linear layers (per-channel weights, per-tensor activations), XNNPACK's quantizer.
+
+    Linear layers are the attention and feed-forward projections. Post-training int8 reaches no
+    further on small UNets: simulated along the default's own sampling (4 prompts, 4 steps,
+    guidance 7.5), linears alone keep the image at 32.4 dB PSNR and adding the convolutions drops
+    it to 21.0 dB, even with conv_in and conv_out kept fp32; the quantizer's global setting (also
+    the attention matmuls and residual adds) failed the export's image check at 12.6 dB.
+    Convolutions wait for QAT.
+    """
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -66,7 +74,8 @@ def quantize_int8(component: Component, calibration: list[tuple]) -> torch.nn.Mo
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     graph = torch.export.export(component.module, tuple(component.inputs.values())).module()
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = XNNPACKQuantizer().set_operator_type(torch.ops.aten.linear.default,
+                                                     get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph, quantizer)
     examples = tuple(component.inputs.values())
     with torch.no_grad():

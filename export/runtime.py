@@ -18,6 +18,7 @@ from .clip_bpe import ClipBPE
 from .ddim import DDIM
 
 BACKEND_FILES = {"onnx": "model.onnx", "executorch": "model.pte"}
+ETDUMP_NEEDS_EXECUTORCH = "ETDump is ExecuTorch's trace: --etdump needs --backend executorch"
 
 
 class OnnxModel:
@@ -90,7 +91,7 @@ class ExportedPipeline:
         if backend not in BACKEND_FILES:
             raise UserError(f"backend '{backend}' has no exported-pipeline runner (choose onnx or executorch)")
         if etdump and backend != "executorch":
-            raise UserError("ETDump is ExecuTorch's trace: --etdump needs --backend executorch")
+            raise UserError(ETDUMP_NEEDS_EXECUTORCH)
         file = BACKEND_FILES[backend]
         missing = [p for p in ("text_encoder", "unet", "vae_decoder") if not (folder / p / file).exists()]
         if missing:

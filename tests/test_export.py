@@ -169,6 +169,20 @@ def test_executorch_pipeline_matches_pytorch(tiny_pipeline, tmp_path):
     assert "DELEGATE_CALL" in names and any("GEMM" in n for n in names)  # XNNPACK's own kernels are named
 
 
+@pytest.mark.slow
+def test_executorch_int8_unet_keeps_the_image(tiny_pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    config = ExportConfig(to=["executorch"], precision="int8", components=["text_encoder", "unet", "vae_decoder"])
+    report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["executorch"]
+    unet = report["components"]["unet"]
+    assert report["ok"] and report["image_psnr"] >= 25 and unet["precision"] == "int8"
+    assert report["components"]["text_encoder"]["precision"] == "fp32"
+    assert unet["rel"] > 1e-4  # quantized for real: far from fp32's 1e-6
+    params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet").parameters())
+    assert unet["bytes"] < 4 * params  # int8 linears: below the fp32 weights alone
+
+
 def _unet_folder(tmp_path, name, **overrides):
     folder = tmp_path / name
     folder.mkdir()

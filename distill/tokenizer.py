@@ -18,7 +18,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _WORD = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """CLIP's reversible byte → printable-character table (the GPT-2 `bytes_to_unicode`)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -33,7 +33,7 @@ def _byte_symbols() -> list[str]:
 
 
 def _learn_merges(words: Counter) -> list[tuple[str, str]]:
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     table = {i: s for i, s in enumerate(symbols)}
     spelled = {}
     for word, count in words.items():
@@ -67,7 +67,7 @@ def build_clip_tokenizer_files(captions: list[str], folder: Path, max_length: in
     """Write vocab.json, merges.txt and the tokenizer configs that `CLIPTokenizer` loads."""
     words = Counter(w for caption in captions for w in _WORD.findall(caption.lower()))
     merges = _learn_merges(words)
-    base = _byte_symbols()
+    base = byte_symbols()
     vocab_list = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_list))}
     folder = Path(folder)

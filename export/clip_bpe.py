@@ -13,21 +13,10 @@ from pathlib import Path
 import regex
 
 from ..apps.errors import UserError
+from ..distill.tokenizer import byte_symbols
 
 _PATTERN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
                          regex.IGNORECASE)
-
-
-def _byte_table() -> dict[int, str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -68,7 +57,7 @@ class ClipBPE:
         self.bos, self.eos = token("bos_token", "<|startoftext|>"), token("eos_token", "<|endoftext|>")
         self.pad, self.unk = token("pad_token", "<|endoftext|>"), token("unk_token", "<|endoftext|>")
         self.max_length = int(config.get("model_max_length", 77))
-        self.bytes = _byte_table()
+        self.bytes = dict(enumerate(byte_symbols()))
         self._bpe = lru_cache(maxsize=65536)(self._bpe_word)
 
     def _bpe_word(self, word: str) -> tuple[str, ...]:

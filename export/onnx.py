@@ -12,6 +12,7 @@ precision with fp32 inputs and outputs, so callers need not change.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,9 +59,11 @@ def export_component(component: Component, folder: Path, precision: str, **_) ->
     large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        torch.onnx.export(component.module, tuple(component.inputs.values()), str(path), dynamo=True,
-                          opset_version=OPSET, input_names=list(component.inputs), output_names=component.outputs,
-                          dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
+        with warnings.catch_warnings():  # torch's own pytree deprecation notice, once per component
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            torch.onnx.export(component.module, tuple(component.inputs.values()), str(path), dynamo=True,
+                              opset_version=OPSET, input_names=list(component.inputs), output_names=component.outputs,
+                              dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
     except Exception as err:  # the exporter's own errors name the failing op; keep that line
         raise UserError(f"ONNX export of {component.name} failed: {_first_line(err)}") from None
     import onnx

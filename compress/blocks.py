@@ -142,11 +142,17 @@ def shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
+def mapped_student(config: dict, teacher_shapes: dict[str, torch.Size], plan: Plan, device="meta",
+                   dtype=torch.float32):
+    """The uninitialised student `plan` describes and its student → teacher parameter map; UserError if it does not fit."""
+    student = instantiate(student_config(config, plan), device, dtype)
+    return student, source_keys(shapes(student), teacher_shapes, plan, len(config["down_block_types"]))
+
+
 def build_student(unet, plan: Plan):
     """A new UNet as `plan` describes, every kept layer copied from `unet`; and the teacher layers removed."""
     teacher_state = unet.state_dict()
-    student = instantiate(student_config(dict(unet.config), plan), unet.device, unet.dtype)
-    mapping = source_keys(shapes(student), shapes(unet), plan, len(unet.config.down_block_types))
+    student, mapping = mapped_student(dict(unet.config), shapes(unet), plan, unet.device, unet.dtype)
     student.load_state_dict({k: teacher_state[v] for k, v in mapping.items()}, assign=unet.device.type == "meta")
     removed = layer_names(teacher_state) - layer_names(mapping.values())
     mid = {name for name in layer_names(teacher_state) if name.startswith("mid_block")}

@@ -26,8 +26,7 @@ import torch
 from ..apps import modelio
 from ..apps.errors import UserError
 from ..devices.macs import count
-from .blocks import MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, shapes, source_keys, student_config, \
-    teacher_plan
+from .blocks import MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, mapped_student, shapes, teacher_plan
 
 CRITERIA = ("distortion", "magnitude", "random")
 METRICS = ("params", "macs")
@@ -112,14 +111,13 @@ class Costs:
         return self._known[plan]
 
     def _measure(self, plan: Plan) -> float | None:
-        config = student_config(self.config, plan)
-        student = instantiate(config, "meta", torch.float32)
         try:
-            source_keys(shapes(student), self.teacher_shapes, plan, len(self.config["down_block_types"]))
+            student, _ = mapped_student(self.config, self.teacher_shapes, plan)
         except UserError:
             return None
         if self.metric == "params":
             return float(sum(p.numel() for p in student.parameters()))
+        config = dict(student.config)
         inputs = modelio.unet_example_inputs(config, config["sample_size"], device="meta")
         return float(count(student, lambda m: m(**inputs), "unet", tuple(inputs["sample"].shape)).macs)
 
@@ -154,12 +152,12 @@ def distortion_scores(unet, units: list[Unit], batches: list[dict], progress: Ca
 
 def magnitude_scores(unet, units: list[Unit]) -> dict[str, float]:
     """Mean |w| over the weights each unit removes."""
-    plan, state = teacher_plan(dict(unet.config)), unet.state_dict()
+    config, state = dict(unet.config), unet.state_dict()
+    teacher_shapes, plan = shapes(unet), teacher_plan(config)
     scores = {}
     for unit in units:
-        pruned = unit.apply(plan)
-        student = instantiate(student_config(dict(unet.config), pruned), "meta", torch.float32)
-        kept = set(source_keys(shapes(student), shapes(unet), pruned, plan.stages).values())
+        _, mapping = mapped_student(config, teacher_shapes, unit.apply(plan))
+        kept = set(mapping.values())
         gone = [state[k] for k in state if k not in kept]
         scores[unit.name] = float(sum(w.abs().sum() for w in gone) / sum(w.numel() for w in gone))
     return scores

@@ -23,6 +23,9 @@ app = typer.Typer(help="Compress text-to-image diffusion models and ship them to
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 zoo_app = typer.Typer(help="Train pocketdiff's embedded default model and its judge.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE (step distillation: #7).",
+                          no_args_is_help=True)
+app.add_typer(distill_app, name="distill")
 console = Console()
 
 ModelArg = Annotated[str, typer.Argument(help="A local diffusers folder (pipeline or UNet), or 'default'.")]
@@ -223,6 +226,84 @@ def export_(model: ModelArg,
     console.print(f"exported: {out}  (report: {out / 'export_report.json'})")
 
 
+@distill_app.command("kd")
+def kd(student: Annotated[str, typer.Argument(help="The pruned model (pipeline or UNet folder) to train.")],
+       out: Annotated[Path, typer.Option(help="Folder for the distilled pipeline, its log and checkpoint.")],
+       teacher: Annotated[Optional[str], typer.Option(
+           help="Teacher pipeline folder or 'default' (default: the teacher named in the student's prune report).")] = None,
+       steps: int = 300, batch: int = 64, lr: float = 1e-4, warmup_steps: int = 0,
+       features: Annotated[str, typer.Option(help="Feature KD places: blocks, self-attention or none.")] = "blocks",
+       normalize: Annotated[bool, typer.Option(help="LAPTOP-Diff's normalised feature terms.")] = True,
+       task_weight: float = 1.0, output_weight: float = 1.0, feature_weight: float = 1.0,
+       data: Annotated[str, typer.Option(help="'openmoji' or a folder of images with metadata.jsonl.")] = "openmoji",
+       captions: Annotated[Optional[Path], typer.Option(
+           help="Data-free: a captions file (one per line); the teacher's samples become the data.")] = None,
+       teacher_steps: Annotated[int, typer.Option(help="Data-free: sampling steps of the teacher.")] = 25,
+       teacher_guidance: Annotated[float, typer.Option(help="Data-free: guidance of the teacher.")] = 7.5,
+       ema_decay: float = 0.0,
+       gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute activations in backward: less memory.")] = False,
+       mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), no, bf16 or fp16.")] = "auto",
+       checkpoint_every: int = 100, seed: int = 0):
+    """Block-level knowledge distillation: task + output KD + feature KD from the teacher. Resumes from OUT."""
+    from pydantic import ValidationError
+
+    from ..distill.kd import KDConfig, distill_kd, resolve_teacher
+
+    try:
+        config = KDConfig(steps=steps, batch=batch, lr=lr, warmup_steps=warmup_steps, features=features,
+                          normalize=normalize, task_weight=task_weight, output_weight=output_weight,
+                          feature_weight=feature_weight, data=data, captions=str(captions) if captions else None,
+                          teacher_steps=teacher_steps, teacher_guidance=teacher_guidance, ema_decay=ema_decay,
+                          gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+                          checkpoint_every=checkpoint_every, seed=seed)
+    except ValidationError as err:
+        raise UserError(f"distill kd: {_first_error(err)}") from None
+    student_ref = _open(student)
+    report = distill_kd(resolve_teacher(student_ref, teacher), student_ref, config, out, log=console.print)
+    table = Table(title=f"KD, {config.steps} steps: last logged terms")
+    table.add_column("term")
+    table.add_column("value", justify="right")
+    for key, value in report["final"].items():
+        if key not in ("step", "lr"):
+            table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    console.print(f"distilled pipeline: {out}  (report: {out / 'kd_report.json'}, log: {out / 'log.csv'})")
+
+
+@distill_app.command("vae")
+def vae(model: ModelArg,
+        out: Annotated[Path, typer.Option(help="Folder for the pipeline with the slim VAE, its log and checkpoint.")],
+        width: Annotated[float, typer.Option(help="Share of the channels each VAE stage keeps.")] = 0.5,
+        layers_per_block: Annotated[Optional[int], typer.Option(help="Resnets per stage (default: the teacher's).")] = None,
+        steps: int = 1000, batch: int = 32, lr: float = 5e-4,
+        data: Annotated[str, typer.Option(help="'openmoji' or a folder of images with metadata.jsonl.")] = "openmoji",
+        mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), no, bf16 or fp16.")] = "auto",
+        checkpoint_every: int = 200, seed: int = 0):
+    """Distil a slim VAE (decoder on the teacher's latents, encoder on its posterior); the UNet is untouched. Resumes."""
+    from pydantic import ValidationError
+
+    from ..distill.vae import SlimVAEConfig, distill_vae
+
+    try:
+        config = SlimVAEConfig(width=width, layers_per_block=layers_per_block, steps=steps, batch=batch, lr=lr,
+                               data=data, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, seed=seed)
+    except ValidationError as err:
+        raise UserError(f"distill vae: {_first_error(err)}") from None
+    report = distill_vae(_open(model), config, out, log=console.print)
+    table = Table(title="slim VAE")
+    for column in ("", "before", "after", "ratio"):
+        table.add_column(column, justify="right" if column else "left")
+    for half in ("vae_decoder", "vae_encoder"):
+        for what, scale in (("params (M)", 1e6), ("macs (G)", 1e9)):
+            key = what.split()[0]
+            before, after = report[f"{half}_{key}_before"], report[f"{half}_{key}_after"]
+            table.add_row(f"{half} {what}", f"{before / scale:.3f}", f"{after / scale:.3f}", f"{after / before:.3f}")
+    console.print(table)
+    console.print(f"decoder vs teacher's on its latents: {report['decoder_psnr_db']} dB; reconstruction of held-out "
+                  f"images: slim {report['student_recon_psnr_db']} dB, teacher {report['teacher_recon_psnr_db']} dB")
+    console.print(f"pipeline with the slim VAE: {out}  (report: {out / 'vae_report.json'})")
+
+
 def _first_error(err) -> str:
     first = err.errors()[0]
     return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
@@ -250,25 +331,28 @@ def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder g
     console.print(f"judge folder: {out}")
 
 
-_NOT_BUILT = {
-    "distill": ("Knowledge distillation and step distillation.", 6),
+_NOT_BUILT = {  # command path → (summary, issue)
     "quantize": ("Quantization-aware training per export target.", 8),
     "profile": ("Latency profiling on the host and devices.", 9),
     "sweep": ("Pruning sweeps with Pareto plots.", 10),
     "report": ("HTML / Markdown report of a run.", 10),
+    "distill steps": ("Step distillation down to one step.", 7),
 }
 
 
-def _not_built(name: str, summary: str, issue: int):
+def _not_built(command_path: str, summary: str, issue: int):
+    *group, name = command_path.split()
+
     def command(args: Annotated[Optional[list[str]], typer.Argument(help="Arguments (not parsed yet).")] = None):
-        raise UserError(f"'{name}' is not built yet (issue #{issue}); nothing was run")
+        raise UserError(f"'{command_path}' is not built yet (issue #{issue}); nothing was run")
 
     command.__doc__ = f"{summary} Not built yet (issue #{issue})."
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+    parent = {"distill": distill_app}[group[0]] if group else app
+    parent.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-for _name, (_summary, _issue) in _NOT_BUILT.items():
-    _not_built(_name, _summary, _issue)
+for _path, (_summary, _issue) in _NOT_BUILT.items():
+    _not_built(_path, _summary, _issue)
 
 
 @app.callback()
@@ -295,3 +379,7 @@ def main() -> None:
             err.show()
             sys.exit(2)
         raise
+
+
+if __name__ == "__main__":  # `accelerate launch -m pocketdiff.apps.cli distill kd ...`
+    main()

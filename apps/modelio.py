@@ -133,6 +133,17 @@ def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu"):
     return pipe.to(device)
 
 
+def copy_pipeline_except(source: Path, out: Path, component: str) -> None:
+    """model_index.json and every component folder it names but `component`, which the caller writes anew."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "model_index.json", out / "model_index.json")
+    for name, spec in _read_json(source / "model_index.json").items():
+        if name != component and isinstance(spec, list) and spec[0] and (source / name).is_dir():
+            shutil.copytree(source / name, out / name, dirs_exist_ok=True)
+
+
 def _random_components(path: Path) -> dict:
     """Components that have a config but no weights, instantiated from the config."""
     import diffusers

@@ -2,7 +2,8 @@
 
 A stage whose manifest says done, with the same config hash and input hash, is skipped; one that
 died (status `running` or `failed`) runs again, and finds its own checkpoint in its folder, so
-training stages pick up where they stopped. A stage that produces a model writes a diffusers folder
+training stages pick up where they stopped. A stage folder left by another config or input is
+emptied first: its checkpoint belongs to a different run. A stage that produces a model writes a diffusers folder
 into its stage folder; that folder is the next stage's input.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -111,11 +113,15 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console 
         expected = {"config_hash": config_hash(spec.name, config, recipe.seed),
                     "input_hash": hash_model_folder(model.path)}
         previous = read_manifest(out) or {}
-        if previous.get("status") == "done" and all(previous.get(k) == v for k, v in expected.items()):
+        same = all(previous.get(k) == v for k, v in expected.items())
+        if previous.get("status") == "done" and same:
             console.print(f"[dim]{out.name}: done before with the same config and input; skipped[/dim]")
             if previous.get("produced_model"):
                 model = modelio.open_model(out)
             continue
+        if previous and not same:
+            shutil.rmtree(out)
+            previous = {"attempt": previous.get("attempt", 0)}
         manifest = {
             "stage": spec.name, "index": index, "recipe": recipe.source, "config": config, **expected,
             "input": str(model.path), "seed": recipe.seed, "versions": package_versions(),

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..distill.kd import KDConfig
+from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
 from .errors import UserError
 from .runner import StageContext, StageResult
@@ -81,6 +83,31 @@ def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
                                  config.steps, config.guidance, config.seed)
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
+
+
+class KDStageConfig(KDConfig):
+    """Block-level KD of the stage's input (a pruned model) from `teacher`; the distilled pipeline is the output."""
+
+    teacher: str | None = None  # default: the teacher named in the input's prune report
+
+
+def run_kd(config: KDStageConfig, ctx: StageContext) -> StageResult:
+    from ..distill.kd import distill_kd, resolve_teacher
+
+    kd_config = KDConfig(**config.model_dump(exclude={"teacher"}))
+    report = distill_kd(resolve_teacher(ctx.model, config.teacher), ctx.model, kd_config, ctx.out,
+                        log=ctx.console.print)
+    final = {k: v for k, v in report["final"].items() if k in ("loss", "task", "output_kd", "feature_kd", "samples_per_s")}
+    return StageResult({**final, "feature_pairs": len(report["pairs"]), "wall_time_s": report["wall_time_s"]},
+                       produced_model=True)
+
+
+def run_slim_vae(config: SlimVAEConfig, ctx: StageContext) -> StageResult:
+    from ..distill.vae import distill_vae
+
+    report = distill_vae(ctx.model, config, ctx.out, log=ctx.console.print)
+    keys = [k for k in report if k.endswith(("_psnr_db", "_macs_before", "_macs_after", "_params_after"))]
+    return StageResult({k: report[k] for k in keys}, produced_model=True)
 
 
 def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
@@ -158,6 +185,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "prune": Stage(PruneConfig, run_prune),
+    "kd": Stage(KDStageConfig, run_kd),
+    "slim_vae": Stage(SlimVAEConfig, run_slim_vae),
     "generate": Stage(GenerateConfig, run_generate),
     "evaluate": Stage(EvaluateConfig, run_evaluate),
     "export": Stage(ExportConfig, run_export),

@@ -53,6 +53,13 @@ class Plan:
     def replace(self, **changes) -> Plan:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def from_json(cls, data: dict) -> Plan:
+        """The plan `dataclasses.asdict` wrote to a prune report."""
+        return cls(down=tuple(map(tuple, data["down"])), up=tuple(map(tuple, data["up"])),
+                   down_attention=tuple(data["down_attention"]), up_attention=tuple(data["up_attention"]),
+                   mid=data["mid"])
+
 
 def _per_stage(value, stages: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * stages

@@ -10,8 +10,8 @@ unit's score and the order the units went in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,22 +21,13 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from ..devices.macs import census_model
 from . import oneshot
-from .blocks import build_student, remove_blocks, teacher_plan
+from .blocks import Plan, build_student, preset_plan, remove_blocks, teacher_plan
 from .calibration import batched, record_unet_inputs
 
 # Everyday subjects for calibration trajectories; the embedded default knows them as emoji names.
 CALIBRATION_PROMPTS = ["red apple", "rocket", "dog face", "house", "grinning face", "automobile", "deciduous tree",
                        "sun", "woman technologist", "pizza", "bicycle", "cat face", "snowman", "heart", "fire",
                        "guitar"]
-
-
-def _copy_other_components(source: Path, out: Path) -> None:
-    """model_index.json and every component folder it names, except the UNet being replaced."""
-    index = json.loads((source / "model_index.json").read_text())
-    shutil.copy2(source / "model_index.json", out / "model_index.json")
-    for name, spec in index.items():
-        if name != "unet" and isinstance(spec, list) and spec[0] and (source / name).is_dir():
-            shutil.copytree(source / name, out / name, dirs_exist_ok=True)
 
 
 def _teacher(ref: modelio.ModelRef):
@@ -49,12 +40,16 @@ def _teacher(ref: modelio.ModelRef):
         return UNet2DConditionModel.from_config(modelio.unet_config(ref))
 
 
-def _save(ref: modelio.ModelRef, student, removed: list[str], out: Path, details: dict) -> dict:
-    """Write the pruned model and `prune_report.json`; return the report."""
+def _save(ref: modelio.ModelRef, student, removed: list[str], plan: Plan, out: Path, details: dict) -> dict:
+    """Write the pruned model and `prune_report.json`; return the report.
+
+    The report keeps the teacher's folder and the plan (which teacher layer each student layer came
+    from), so distillation can pair student modules with the teacher modules they replace.
+    """
     out.mkdir(parents=True, exist_ok=True)
     unet_dir = out / "unet" if ref.kind == "pipeline" else out
     if ref.kind == "pipeline":
-        _copy_other_components(ref.path, out)
+        modelio.copy_pipeline_except(ref.path, out, "unet")
     if ref.unet_has_weights:
         student.save_pretrained(unet_dir, safe_serialization=True)
     else:
@@ -62,7 +57,7 @@ def _save(ref: modelio.ModelRef, student, removed: list[str], out: Path, details
     (before,) = census_model(ref, unet_only=True)
     (after,) = census_model(modelio.open_model(out), unet_only=True)
     report = {
-        **details, "removed": removed,
+        **details, "teacher": str(ref.path.resolve()), "plan": dataclasses.asdict(plan), "removed": removed,
         "params_before": before.params, "params_after": after.params,
         "macs_before": before.macs, "macs_after": after.macs,
         "attention_macs_before": before.attention_macs, "attention_macs_after": after.attention_macs,
@@ -76,8 +71,9 @@ def _save(ref: modelio.ModelRef, student, removed: list[str], out: Path, details
 
 def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
     """Apply a BK-SDM preset to `ref`; write the pruned model and `prune_report.json` to `out`; return the report."""
-    student, removed = remove_blocks(_teacher(ref), preset)
-    return _save(ref, student, removed, Path(out), {"preset": preset})
+    teacher = _teacher(ref)
+    student, removed = remove_blocks(teacher, preset)
+    return _save(ref, student, removed, preset_plan(dict(teacher.config), preset), Path(out), {"preset": preset})
 
 
 def calibration_batches(ref: modelio.ModelRef, prompts: list[str], steps: int, guidance: float) -> list[dict]:
@@ -116,7 +112,8 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
         scores = oneshot.random_scores(units, seed)
     start = teacher_plan(config)
     chosen = oneshot.select(units, scores, costs, start, target)
-    student, removed = build_student(teacher, oneshot.apply_all(start, chosen))
+    plan = oneshot.apply_all(start, chosen)
+    student, removed = build_student(teacher, plan)
     full = costs(start)
     details = {
         "target": str(target), "criterion": criterion, "seed": seed,
@@ -127,4 +124,4 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
                    "removed_order": chosen.index(u) + 1 if u in chosen else None} for u in units],
         "removed_units": [u.name for u in chosen],
     }
-    return _save(ref, student, removed, Path(out), details)
+    return _save(ref, student, removed, plan, Path(out), details)

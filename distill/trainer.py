@@ -10,6 +10,7 @@ the models and wraps backward, so the same code runs on the CPU, one GPU or many
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
+
+from ..apps.errors import UserError
 
 
 class TrainConfig(BaseModel):
@@ -82,12 +85,15 @@ class Trainer:
     """Optimises `model` on `loss_fn(batch_for(step), generator)` for `config.steps` steps.
 
     `loss_fn` returns a dict of named scalar terms; 'loss' is the one optimised, every term is
-    logged to `out/log.csv`. Checkpoints (`out/checkpoint/`) hold model, EMA, optimizer and the
-    step; the LR schedule and data position are functions of the step.
+    logged to `out/log.csv` (and to `out/tensorboard/` where tensorboard is installed).
+    Checkpoints (`out/checkpoint/`) hold model, EMA, optimizer and the step; the LR schedule, the
+    data position and every random draw are functions of the step, so they need no saved state.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: LossFn, batch_for: Callable[[int], dict],
-                 config: TrainConfig, out: Path, description: str = "training"):
+                 config: TrainConfig, out: Path, description: str = "training", identity: dict | None = None):
+        """`identity`: what the run depends on beyond `config` (inputs, settings); a checkpoint written
+        under another identity is refused rather than resumed into a run it does not belong to."""
         from accelerate import Accelerator
 
         precision = config.mixed_precision
@@ -95,6 +101,7 @@ class Trainer:
             precision = "bf16" if torch.cuda.is_available() else "no"
         self.accelerator = Accelerator(mixed_precision=precision)
         self.config, self.out, self.description = config, Path(out), description
+        self.identity = json.dumps(identity, sort_keys=True, default=str) if identity is not None else None
         self.model, self.batch_for = model, batch_for
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -116,6 +123,9 @@ class Trainer:
         if not (folder / "state.pt").exists():
             return
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        if self.identity is not None and state.get("identity") != self.identity:
+            raise UserError(f"{folder} holds the checkpoint of a run with other inputs or settings; run with the "
+                            "same ones to resume it, or write to another folder")
         self.model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
@@ -131,7 +141,8 @@ class Trainer:
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
         if self.ema is not None:
             save_file(self.ema, tmp / "ema.safetensors")
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / "state.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "identity": self.identity},
+                   tmp / "state.pt")
         old = self.out / "checkpoint.old"
         if self.checkpoint_dir.exists():
             self.checkpoint_dir.rename(old)
@@ -148,7 +159,20 @@ class Trainer:
             state.update({k: v.to(state[k].dtype) for k, v in self.ema.items()})
         return state
 
-    def _log(self, row: dict) -> None:
+    def _tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional: log.csv is the record
+            return None
+        return SummaryWriter(self.out / "tensorboard")
+
+    def _log(self, row: dict, board) -> None:
+        if board is not None:
+            for key, value in row.items():
+                if key != "step":
+                    board.add_scalar(key, value, row["step"])
         path = self.out / "log.csv"
         new = not path.exists()
         with path.open("a", newline="") as f:
@@ -170,6 +194,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.wrapped.train()
         started, done_at_start = time.perf_counter(), self.step
+        board = self._tensorboard()
         columns = [TextColumn(self.description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
         with Progress(*columns, disable=not self.accelerator.is_main_process) as progress:
@@ -203,9 +228,11 @@ class Trainer:
                                     status=f"loss {values['loss']:.4f}  {rate:.0f} samples/s")
                     if self.accelerator.is_main_process:
                         self._log({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-                                   "samples_per_s": round(rate, 2), **values})
+                                   "samples_per_s": round(rate, 2), **values}, board)
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps:
                     self.save_checkpoint()
+        if board is not None:
+            board.close()
         return self
 
 

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import data, tokenizer
+from .latents import encode_images
 from .trainer import Trainer, TrainConfig, epoch_batches
 
 RESOLUTION = 32
@@ -112,16 +113,6 @@ def train_vae(images: torch.Tensor, config: DefaultTrainConfig, work: Path):
     return vae.eval()
 
 
-@torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
-    for start in range(0, len(images), batch):
-        dist = vae.encode(images[start:start + batch]).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 class TextToImage(torch.nn.Module):
     """The UNet and its text encoder, optimised together (the text encoder is trained from scratch)."""
 
@@ -198,14 +189,14 @@ def train_default(out: Path, config: DefaultTrainConfig, work: Path | None = Non
         vae = AutoencoderKL.from_pretrained(work / "vae_final", dtype=torch.float32).eval()
     else:
         vae = train_vae(images, config, work)
-        mean, std = encode_latents(vae, images)
+        mean, std = encode_images(vae, images)
         sample = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(config.seed))
         vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
         vae.save_pretrained(work / "vae_final")
     spent("vae_s", began)
 
     began = time.perf_counter()
-    latents = encode_latents(vae, images)
+    latents = encode_images(vae, images)
     unet, text_encoder = train_unet(latents, train.captions, tok, vae.config.scaling_factor, config, work)
     spent("unet_s", began)
 

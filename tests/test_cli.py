@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from pocketdiff.apps.cli import _NOT_BUILT, app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "inspect", "generate", "evaluate", "export", "zoo", "zoo train-default", "zoo train-judge", *_NOT_BUILT]
+COMMANDS = ["run", "inspect", "generate", "evaluate", "export", "zoo", "zoo train-default", "zoo train-judge", "distill",
+            "distill kd", "distill vae", *_NOT_BUILT]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

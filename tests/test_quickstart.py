@@ -16,19 +16,23 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     subprocess.run(command, check=True, capture_output=True, text=True)
     run_dir = tmp_path / "quickstart"
     stages = sorted(p.name for p in run_dir.iterdir())
-    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-export"]
+    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-kd", "06-evaluate", "07-export"]
     manifests = {name: read_manifest(run_dir / name) for name in stages}
     assert all(m["status"] == "done" for m in manifests.values())
     assert (run_dir / "01-generate" / "grid.png").exists()
     teacher = manifests["02-evaluate"]["metrics"]
     pruned = manifests["04-evaluate"]["metrics"]
+    distilled = manifests["06-evaluate"]["metrics"]
     key = "validation/steps=25/guidance=7.5"
     assert teacher["validation/real"]["retrieval_accuracy"] > 0.4  # the judge knows real images (chance: 1/256)
     assert teacher[key]["retrieval_accuracy"] > 5 / 256  # the teacher is far above chance, though far below real
     assert pruned[key]["prompt_score"] < teacher[key]["prompt_score"]  # pruning without KD costs quality
     assert manifests["03-prune"]["metrics"]["params_after"] < 0.7 * manifests["03-prune"]["metrics"]["params_before"]
-    exported = manifests["05-export"]["metrics"]
+    assert distilled[key]["prompt_score"] > 0.7 * teacher[key]["prompt_score"]  # KD wins most of it back
+    assert distilled[key]["prompt_score"] > pruned[key]["prompt_score"] + 0.1
+    assert manifests["05-kd"]["metrics"]["feature_pairs"] == 8  # bk-small keeps 4 down and 4 up stage outputs
+    exported = manifests["07-export"]["metrics"]
     assert exported["onnx/image_psnr"] >= 40 and exported["onnx/unet/max_abs"] < 1e-3
-    assert (run_dir / "05-export" / "onnx" / "unet" / "model.onnx").exists()
+    assert (run_dir / "07-export" / "onnx" / "unet" / "model.onnx").exists()
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.count("skipped") == 5
+    assert again.stdout.count("skipped") == 7

@@ -43,9 +43,13 @@ def test_rerun_skips_then_config_change_reruns(tiny_pipeline, tmp_path):
     _, output = _run(text, tmp_path)
     assert "skipped" in output
     assert read_manifest(run_dir / "01-generate") == first
+    stale = run_dir / "01-generate" / "checkpoint" / "state.pt"  # another config's checkpoint must not be resumed
+    stale.parent.mkdir()
+    stale.write_text("from the old config")
     _run(text.replace("steps: 2", "steps: 3"), tmp_path)
     changed = read_manifest(run_dir / "01-generate")
     assert changed["attempt"] == 2 and changed["config_hash"] != first["config_hash"]
+    assert not stale.exists()
 
 
 def test_input_change_reruns(tiny_pipeline, tmp_path):

@@ -77,3 +77,25 @@ def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
         Trainer(model, poisoned, lambda s: {**batch_for(s), "step": s}, _config(), tmp_path).run()
     state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == 3
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    from pocketdiff.apps.errors import UserError
+
+    model, loss_fn, batch_for = _problem()
+    Trainer(model, loss_fn, batch_for, _config(steps=3), tmp_path, identity={"teacher": "a", "lr": 1}).run()
+    with pytest.raises(UserError, match="holds the checkpoint of a run with other inputs or settings"):
+        Trainer(model, loss_fn, batch_for, _config(steps=6), tmp_path, identity={"teacher": "a", "lr": 2})
+    assert Trainer(model, loss_fn, batch_for, _config(steps=6), tmp_path, identity={"teacher": "a", "lr": 1}).step == 3
+
+
+def test_tensorboard_gets_every_logged_term(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional; the test extra installs it")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, loss_fn, batch_for = _problem()
+    Trainer(model, loss_fn, batch_for, _config(steps=4), tmp_path).run()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "samples_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]

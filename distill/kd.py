@@ -1,0 +1,312 @@
+"""Block-level knowledge distillation: a pruned UNet learns from the teacher it was cut from.
+
+Loss = task (the denoising target) + output KD (the teacher's prediction) + feature KD at every
+place the student still shares with the teacher (BK-SDM). Feature places are stage outputs
+(`blocks`: each down block, the mid block, each up block, paired by stage after any stage removal),
+or every transformer block's self-attention output (`self-attention`, KOALA's finding), paired
+through the prune report's plan with the teacher layer each student layer came from. Pairs whose
+shapes differ (a stage that lost its downsampler) are dropped and reported. LAPTOP-Diff's
+normalisation divides each feature term by the teacher feature's mean square, so no block
+dominates by its scale. The text encoder and VAE stay the teacher's; only the UNet trains.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..apps import modelio
+from ..apps.errors import UserError
+from ..apps.runner import hash_model_folder
+from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
+from . import latents as latent_data
+from .trainer import Trainer, TrainConfig, epoch_batches
+
+_STRUCTURE = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "mid_block_type")
+
+
+class KDConfig(BaseModel):
+    """Everything a KD run depends on; the recipe stage and the CLI both build one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=1)
+    batch: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    task_weight: float = Field(1.0, ge=0)
+    output_weight: float = Field(1.0, ge=0)
+    feature_weight: float = Field(1.0, ge=0)
+    features: Literal["blocks", "self-attention", "none"] = "blocks"
+    normalize: bool = True  # LAPTOP-Diff: each feature term relative to the teacher feature's mean square
+    data: str = "openmoji"  # an image–caption set: 'openmoji' or a folder with metadata.jsonl
+    captions: str | None = None  # data-free instead: a captions file, the teacher's samples as targets
+    teacher_steps: int = Field(25, ge=1)  # data-free sampling
+    teacher_guidance: float = Field(7.5, ge=0)
+    caption_dropout: float = Field(0.1, ge=0, le=1)  # empty prompts, so the unconditional branch is distilled too
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def some_loss(self):
+        if self.task_weight == self.output_weight == self.feature_weight == 0:
+            raise ValueError("every loss weight is 0: nothing to train on")
+        return self
+
+
+def _structure(config: dict) -> dict:
+    return {k: config.get(k) for k in _STRUCTURE}
+
+
+def student_plan(teacher_config: dict, student_config_: dict, student_folder: Path) -> Plan | None:
+    """Which teacher layer each student layer came from: the prune report's plan, the identity for an
+    unpruned student, None when neither is known; UserError when the report names another teacher."""
+    if _structure(teacher_config) == _structure(student_config_):
+        return teacher_plan(teacher_config)
+    report = student_folder / "prune_report.json"
+    if not report.exists():
+        return None
+    plan = Plan.from_json(json.loads(report.read_text())["plan"])
+    if _structure(student_config(teacher_config, plan)) != _structure(student_config_):
+        raise UserError(f"{report}: the student was not pruned from this teacher (its plan gives another architecture)")
+    return plan
+
+
+def block_pairs(teacher_config: dict, student_config_: dict) -> list[tuple[str, str]]:
+    """(student module, teacher module) for every stage output the student keeps: down, mid, up."""
+    kept = len(student_config_["down_block_types"])
+    offset = len(teacher_config["down_block_types"]) - kept
+    pairs = [(f"down_blocks.{i}", f"down_blocks.{i}") for i in range(kept)]
+    if student_config_.get("mid_block_type", "UNetMidBlock2DCrossAttn") and teacher_config.get(
+            "mid_block_type", "UNetMidBlock2DCrossAttn"):
+        pairs.append(("mid_block", "mid_block"))
+    return pairs + [(f"up_blocks.{j}", f"up_blocks.{j + offset}") for j in range(kept)]
+
+
+def self_attention_pairs(student, plan: Plan, teacher_stages: int) -> list[tuple[str, str]]:
+    """(student, teacher) self-attention (`attn1`) of every transformer block, mapped through the plan."""
+    names = [name for name, _ in student.named_modules() if name.endswith(".attn1")]
+    return [(name, teacher_key(name + ".weight", plan, teacher_stages).removesuffix(".weight")) for name in names]
+
+
+class Taps:
+    """Forward hooks that keep the named modules' outputs of the latest forward."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        self.outputs: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise UserError(f"no module {missing[0]} in {type(model).__name__}")
+        self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in names]
+
+    def _keeper(self, name: str):
+        def hook(_module, _args, output):
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def shape_matched(teacher, student, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The pairs whose features have one shape (kept) and those that do not (dropped), from one probe forward."""
+    config = dict(teacher.config)
+    size = 2 ** len(config["block_out_channels"])
+    inputs = modelio.unet_example_inputs(config, size, device=teacher.device, generator=torch.Generator().manual_seed(0))
+    s_taps, t_taps = Taps(student, [s for s, _ in pairs]), Taps(teacher, [t for _, t in pairs])
+    try:
+        with torch.no_grad():
+            teacher(**inputs)
+            student(**inputs)
+    finally:
+        s_taps.remove()
+        t_taps.remove()
+    same = [(s, t) for s, t in pairs if s_taps.outputs[s].shape == t_taps.outputs[t].shape]
+    return same, [p for p in pairs if p not in same]
+
+
+def feature_term(student_feature: torch.Tensor, teacher_feature: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Mean squared error, divided by the teacher feature's mean square when normalising (LAPTOP-Diff)."""
+    error = (student_feature.float() - teacher_feature.float()).pow(2).mean()
+    return error / teacher_feature.float().pow(2).mean().clamp(min=1e-8) if normalize else error
+
+
+def resolve_teacher(student: modelio.ModelRef, teacher: str | None) -> modelio.ModelRef:
+    """The teacher given, or the one the student's prune report names."""
+    if teacher is not None:
+        return modelio.open_model(teacher)
+    report = student.path / "prune_report.json"
+    if not report.exists():
+        raise UserError(f"{student.path}: no prune_report.json names its teacher; give the teacher")
+    named = Path(json.loads(report.read_text())["teacher"])
+    if not named.exists():
+        raise UserError(f"{report} names the teacher {named}, which is not there; give the teacher")
+    return modelio.open_model(named)
+
+
+def _check_pair(teacher_config: dict, student_config_: dict) -> None:
+    if teacher_config.get("addition_embed_type") or teacher_config.get("time_cond_proj_dim"):
+        raise UserError("KD feeds SD-1/2-style UNet inputs; this teacher takes added conditions (SDXL or a "
+                        "guidance-embedded UNet), which KD does not build yet")
+    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+        if teacher_config.get(key) != student_config_.get(key):
+            raise UserError(f"student and teacher differ in {key} ({student_config_.get(key)} vs "
+                            f"{teacher_config.get(key)}): not a student of this teacher")
+
+
+def training_latents(pipe, teacher: modelio.ModelRef, config: KDConfig) -> latent_data.LatentSet:
+    if config.captions:
+        captions = latent_data.read_captions(Path(config.captions))
+        return latent_data.teacher_latents(pipe, teacher.path, captions, config.teacher_steps,
+                                           config.teacher_guidance, config.seed)
+    resolution = pipe.unet.config.sample_size * modelio.vae_scale_factor(teacher)
+    return latent_data.image_latents(pipe, teacher.path / "vae", config.data, resolution)
+
+
+def choose_pairs(teacher, student, features: str, student_folder: Path) -> tuple[list, list]:
+    """The (student, teacher) feature pairs of a KD run, and the candidates dropped for their shapes."""
+    teacher_config, student_config_ = dict(teacher.config), dict(student.config)
+    if features == "self-attention":
+        plan = student_plan(teacher_config, student_config_, student_folder)
+        if plan is None:
+            raise UserError(f"{student_folder}: self-attention KD pairs layers through the prune report's plan; "
+                            "this student has no prune_report.json (use features: blocks)")
+        candidates = self_attention_pairs(student, plan, len(teacher_config["down_block_types"]))
+    elif features == "blocks":
+        candidates = block_pairs(teacher_config, student_config_)
+    else:
+        candidates = []
+    return shape_matched(teacher, student, candidates) if candidates else ([], [])
+
+
+class KDLoss:
+    """Task + output KD + feature KD of one batch of cached latents; taps on both UNets collect the features."""
+
+    def __init__(self, pipe, student, pairs: list[tuple[str, str]], config: KDConfig):
+        from diffusers import DDPMScheduler
+
+        self.teacher, self.text_encoder, self.student = pipe.unet, pipe.text_encoder, student
+        self.pairs, self.config = pairs, config
+        self.scale = pipe.vae.config.scaling_factor
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.alphas, self.prediction = schedule.alphas_cumprod, schedule.config.prediction_type
+        tokenizer = pipe.tokenizer
+        self.empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                               return_tensors="pt").input_ids[0]
+        self.student_taps = Taps(student, [s for s, _ in pairs])
+        self.teacher_taps = Taps(self.teacher, [t for _, t in pairs])
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        config, device, shape = self.config, batch["mean"].device, batch["mean"].shape
+        z = (batch["mean"] + batch["std"] * torch.randn(shape, generator=generator, device=device)) * self.scale
+        drop = torch.rand(shape[0], generator=generator, device=device) < config.caption_dropout
+        t = torch.randint(0, len(self.alphas), (shape[0],), generator=generator, device=device)
+        noise = torch.randn(shape, generator=generator, device=device)
+        a = self.alphas.to(device)[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        with torch.no_grad():
+            text = self.text_encoder(torch.where(drop[:, None], self.empty.to(device), batch["ids"]))[0]
+            teacher_pred = self.teacher(noisy, t, text).sample.float()
+        pred = self.student(noisy, t, text).sample.float()
+        target = a.sqrt() * noise - (1 - a).sqrt() * z if self.prediction == "v_prediction" else noise
+        terms = {"task": (pred - target).pow(2).mean(), "output_kd": (pred - teacher_pred).pow(2).mean()}
+        per_pair = {f"feature/{s}": feature_term(self.student_taps.outputs[s], self.teacher_taps.outputs[t],
+                                                 config.normalize) for s, t in self.pairs}
+        terms["feature_kd"] = sum(per_pair.values()) if per_pair else torch.zeros((), device=device)
+        self.student_taps.outputs.clear()
+        self.teacher_taps.outputs.clear()
+        loss = (config.task_weight * terms["task"] + config.output_weight * terms["output_kd"]
+                + config.feature_weight * terms["feature_kd"])
+        return {"loss": loss, **terms, **per_pair}
+
+    def remove(self) -> None:
+        self.student_taps.remove()
+        self.teacher_taps.remove()
+
+
+def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, config: KDConfig, out: Path,
+               log=print) -> dict:
+    """Train `student_ref`'s UNet from `teacher_ref`; write the student pipeline and `kd_report.json` to `out`."""
+    from accelerate import PartialState
+
+    out, processes = Path(out), PartialState()
+    if teacher_ref.kind != "pipeline" or teacher_ref.random_weights:
+        raise UserError(f"{teacher_ref.path}: the teacher must be a pipeline folder with weights")
+    if not student_ref.unet_has_weights:
+        raise UserError(f"{student_ref.unet_path}: the student has no weights (prune a model with weights first)")
+    pipe = modelio.load_pipeline(teacher_ref)
+    student = modelio.load_unet(student_ref)
+    _check_pair(dict(pipe.unet.config), dict(student.config))
+    for frozen in (pipe.unet.eval(), pipe.text_encoder.eval()):
+        frozen.requires_grad_(False)
+    pairs, dropped = choose_pairs(pipe.unet, student, config.features, student_ref.path)
+    log(f"feature KD ({config.features}): {len(pairs)} pairs" + (f", {len(dropped)} dropped for shape" if dropped else ""))
+
+    with processes.main_process_first():  # one process builds the latent cache, the others read it
+        latents = training_latents(pipe, teacher_ref, config)
+    ids = pipe.tokenizer(latents.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    pick = epoch_batches(len(latents), min(config.batch, len(latents)), config.seed)
+
+    def batch_for(step: int) -> dict:
+        index = pick(step)
+        return {"mean": latents.mean[index], "std": latents.std[index], "ids": ids[index]}
+
+    if config.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    loss = KDLoss(pipe, student, pairs, config)
+    train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
+                               grad_clip=config.grad_clip, ema_decay=config.ema_decay, seed=config.seed,
+                               checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                               mixed_precision=config.mixed_precision)
+    began = time.perf_counter()
+    identity = {"teacher": hash_model_folder(teacher_ref.path), "student": hash_model_folder(student_ref.path),
+                "config": config.model_dump()}
+    trainer = Trainer(student, loss, batch_for, train_config, out, "kd", identity)
+    resumed_at = trainer.step
+    pipe.unet.to(trainer.accelerator.device)
+    pipe.text_encoder.to(trainer.accelerator.device)
+    try:
+        trainer.run()
+    finally:
+        loss.remove()
+    student.load_state_dict(trainer.ema_state_dict())
+    if config.gradient_checkpointing:
+        student.disable_gradient_checkpointing()
+    report = {
+        "teacher": str(teacher_ref.path.resolve()), "student": str(student_ref.path.resolve()),
+        "config": config.model_dump(), "pairs": [list(p) for p in pairs], "dropped_pairs": [list(p) for p in dropped],
+        "training_images": len(latents), "data_free": bool(config.captions),
+        "resumed_at_step": resumed_at, "wall_time_s": round(time.perf_counter() - began, 1),
+        "final": _last_logged(out / "log.csv"),
+    }
+    if processes.is_main_process:
+        _save_student(student.to("cpu"), student_ref if student_ref.kind == "pipeline" else teacher_ref, out)
+        (out / "kd_report.json").write_text(json.dumps(report, indent=2))
+    processes.wait_for_everyone()
+    return report
+
+
+def _save_student(student, components_from: modelio.ModelRef, out: Path) -> None:
+    """The student UNet in a pipeline folder: the other components copied from `components_from`."""
+    modelio.copy_pipeline_except(components_from.path, out, "unet")
+    student.save_pretrained(out / "unet", safe_serialization=True)
+
+
+def _last_logged(log_csv: Path) -> dict:
+    import csv
+
+    rows = list(csv.DictReader(log_csv.open())) if log_csv.exists() else []
+    return {k: float(v) for k, v in rows[-1].items()} if rows else {}

@@ -1,12 +1,12 @@
 """What block-level KD wins back after pruning, and what feature KD adds to output-only KD.
 
-    python benchmarks/kd.py [--model default] [--preset bk-small] [--steps 700] [--batch 64]
+    python benchmarks/kd.py [--model default] [--preset bk-small] [--steps 750] [--batch 64]
                             [--prompts 256] [--work kd-bench] [--json F]
 
-The teacher is pruned with the preset, then distilled twice with the same budget, seed and data
-(OpenMoji's training split): once with the full loss (task + output KD + normalised block-feature
-KD, BK-SDM / LAPTOP-Diff) and once with output KD alone (task + output KD). The judge scores the
-teacher, the pruned model before KD and both students on the validation prompts (prompt score ↑,
+The teacher is pruned with the preset, then distilled three times with the same budget, seed and
+data (OpenMoji's training split): with the full loss (task + output KD + normalised block-feature
+KD, BK-SDM / LAPTOP-Diff), with self-attention features instead (KOALA), and with output KD alone.
+The judge scores the teacher, the pruned model before KD and every student on the validation prompts (prompt score ↑,
 Fréchet distance ↓, retrieval ↑); the table gives each prompt score as a share of the teacher's.
 Runs resume: a student already trained in `--work` is only evaluated again.
 """
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--preset", default="bk-small")
-    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--prompts", type=int, default=256)
@@ -54,6 +54,7 @@ def main() -> None:
 
     rows = {"teacher": {"quality": quality(teacher)}, f"{args.preset}, no KD": {"quality": quality(pruned)}}
     variants = {"feature KD (task + output + normalised blocks)": {},
+                "self-attention KD (task + output + normalised self-attention, KOALA)": {"features": "self-attention"},
                 "output-only KD (task + output)": {"feature_weight": 0.0, "features": "none"}}
     for name, changes in variants.items():
         config = KDConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup_steps=args.steps // 20, **changes)

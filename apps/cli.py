@@ -23,7 +23,7 @@ app = typer.Typer(help="Compress text-to-image diffusion models and ship them to
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 zoo_app = typer.Typer(help="Train pocketdiff's embedded default model and its judge.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
-distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE (step distillation: #7).",
+distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE, few-step students.",
                           no_args_is_help=True)
 app.add_typer(distill_app, name="distill")
 console = Console()
@@ -304,6 +304,54 @@ def vae(model: ModelArg,
     console.print(f"pipeline with the slim VAE: {out}  (report: {out / 'vae_report.json'})")
 
 
+@distill_app.command("steps")
+def steps_(model: ModelArg,
+           out: Annotated[Path, typer.Option(help="Folder for the few-step pipeline, its log and checkpoints.")],
+           method: Annotated[str, typer.Option(help="lcm or progressive (dmd: not built yet).")] = "lcm",
+           steps: Annotated[int, typer.Option(help="Optimiser steps (per round for progressive).")] = 500,
+           batch: int = 32, lr: float = 1e-4, warmup_steps: int = 0,
+           guidance_min: Annotated[float, typer.Option(help="Lowest guidance scale distilled into the student.")] = 3.0,
+           guidance_max: Annotated[float, typer.Option(help="Highest guidance scale distilled into the student.")] = 9.0,
+           solver_steps: Annotated[int, typer.Option(help="lcm: the teacher's DDIM grid.")] = 50,
+           loss: Annotated[str, typer.Option(help="lcm: huber or l2.")] = "huber",
+           target_decay: Annotated[float, typer.Option(help="lcm: EMA rate of the target network.")] = 0.95,
+           start_steps: Annotated[int, typer.Option(help="progressive: the teacher's steps in round 1.")] = 16,
+           final_steps: Annotated[int, typer.Option(help="progressive: the last student's steps.")] = 1,
+           prediction: Annotated[str, typer.Option(
+               help="progressive: the student's output (teacher, epsilon, v_prediction, sample).")] = "teacher",
+           data: Annotated[str, typer.Option(help="'openmoji' or a folder of images with metadata.jsonl.")] = "openmoji",
+           captions: Annotated[Optional[Path], typer.Option(
+               help="Data-free: a captions file (one per line); the teacher's samples become the data.")] = None,
+           mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), no, bf16 or fp16.")] = "auto",
+           checkpoint_every: int = 100, seed: int = 0):
+    """Distil MODEL to a 1–4 step student with guidance in its weights (LCM or progressive). Resumes from OUT."""
+    from pydantic import ValidationError
+
+    from ..distill.steps import StepDistillConfig, distill_steps
+
+    if method == "dmd":
+        raise UserError("distill steps: --method dmd is not built yet (issue #7); use lcm or progressive")
+    try:
+        config = StepDistillConfig(method=method, steps=steps, batch=batch, lr=lr, warmup_steps=warmup_steps,
+                                   guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
+                                   loss=loss, target_decay=target_decay, start_steps=start_steps,
+                                   final_steps=final_steps, prediction=prediction, data=data,
+                                   captions=str(captions) if captions else None, mixed_precision=mixed_precision,
+                                   checkpoint_every=checkpoint_every, seed=seed)
+    except ValidationError as err:
+        raise UserError(f"distill steps: {_first_error(err)}") from None
+    report = distill_steps(_open(model), config, out, log=console.print)
+    table = Table(title=f"{method}: training")
+    for column in ("student steps", "wall s", "final loss"):
+        table.add_column(column, justify="right")
+    for done in report["rounds"]:
+        table.add_row(str(done["student_steps"]), f"{done['wall_time_s']:.1f}", f"{done['final'].get('loss', float('nan')):.4g}")
+    console.print(table)
+    sample = "/".join(str(n) for n in report["sample_steps"])
+    console.print(f"few-step pipeline: {out}  (sample it in {sample} steps with stock diffusers; "
+                  f"report: {out / 'steps_report.json'})")
+
+
 def _first_error(err) -> str:
     first = err.errors()[0]
     return f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
@@ -336,7 +384,6 @@ _NOT_BUILT = {  # command path → (summary, issue)
     "profile": ("Latency profiling on the host and devices.", 9),
     "sweep": ("Pruning sweeps with Pareto plots.", 10),
     "report": ("HTML / Markdown report of a run.", 10),
-    "distill steps": ("Step distillation down to one step.", 7),
 }
 
 

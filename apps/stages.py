@@ -1,6 +1,6 @@
 """The stage table: every recipe stage is one typed function with one pydantic config.
 
-Stages that later work adds (prune, kd, steps, quantize, export, profile, report) register here
+Stages that later work adds (quantize, profile, report) register here
 the same way; the runner and the recipe parser read only this table.
 """
 
@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..distill.kd import KDConfig
+from ..distill.steps import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
 from .errors import UserError
@@ -102,6 +103,15 @@ def run_kd(config: KDStageConfig, ctx: StageContext) -> StageResult:
                        produced_model=True)
 
 
+def run_step_distill(config: StepDistillConfig, ctx: StageContext) -> StageResult:
+    from ..distill.steps import distill_steps
+
+    report = distill_steps(ctx.model, config, ctx.out, log=ctx.console.print)
+    last = report["rounds"][-1]["final"]
+    return StageResult({"loss": last.get("loss"), "samples_per_s": last.get("samples_per_s"),
+                        "wall_time_s": report["wall_time_s"]}, produced_model=True)
+
+
 def run_slim_vae(config: SlimVAEConfig, ctx: StageContext) -> StageResult:
     from ..distill.vae import distill_vae
 
@@ -187,6 +197,7 @@ STAGES: dict[str, Stage] = {
     "prune": Stage(PruneConfig, run_prune),
     "kd": Stage(KDStageConfig, run_kd),
     "slim_vae": Stage(SlimVAEConfig, run_slim_vae),
+    "step_distill": Stage(StepDistillConfig, run_step_distill),
     "generate": Stage(GenerateConfig, run_generate),
     "evaluate": Stage(EvaluateConfig, run_evaluate),
     "export": Stage(ExportConfig, run_export),

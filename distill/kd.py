@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data
-from .trainer import Trainer, TrainConfig, epoch_batches
+from .trainer import RunSettings, Trainer, last_logged
 
 _STRUCTURE = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "mid_block_type")
 
 
-class KDConfig(BaseModel):
+class KDConfig(RunSettings, latent_data.DataSettings):
     """Everything a KD run depends on; the recipe stage and the CLI both build one."""
 
     model_config = ConfigDict(extra="forbid")
@@ -38,24 +38,14 @@ class KDConfig(BaseModel):
     steps: int = Field(300, ge=1)
     batch: int = Field(64, ge=1)
     lr: float = Field(1e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
     task_weight: float = Field(1.0, ge=0)
     output_weight: float = Field(1.0, ge=0)
     feature_weight: float = Field(1.0, ge=0)
     features: Literal["blocks", "self-attention", "none"] = "blocks"
     normalize: bool = True  # LAPTOP-Diff: each feature term relative to the teacher feature's mean square
-    data: str = "openmoji"  # an image–caption set: 'openmoji' or a folder with metadata.jsonl
-    captions: str | None = None  # data-free instead: a captions file, the teacher's samples as targets
-    teacher_steps: int = Field(25, ge=1)  # data-free sampling
-    teacher_guidance: float = Field(7.5, ge=0)
     caption_dropout: float = Field(0.1, ge=0, le=1)  # empty prompts, so the unconditional branch is distilled too
     ema_decay: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    seed: int = 0
 
     @model_validator(mode="after")
     def some_loss(self):
@@ -166,15 +156,6 @@ def _check_pair(teacher_config: dict, student_config_: dict) -> None:
                             f"{teacher_config.get(key)}): not a student of this teacher")
 
 
-def training_latents(pipe, teacher: modelio.ModelRef, config: KDConfig) -> latent_data.LatentSet:
-    if config.captions:
-        captions = latent_data.read_captions(Path(config.captions))
-        return latent_data.teacher_latents(pipe, teacher.path, captions, config.teacher_steps,
-                                           config.teacher_guidance, config.seed)
-    resolution = pipe.unet.config.sample_size * modelio.vae_scale_factor(teacher)
-    return latent_data.image_latents(pipe, teacher.path / "vae", config.data, resolution)
-
-
 def choose_pairs(teacher, student, features: str, student_folder: Path) -> tuple[list, list]:
     """The (student, teacher) feature pairs of a KD run, and the candidates dropped for their shapes."""
     teacher_config, student_config_ = dict(teacher.config), dict(student.config)
@@ -254,23 +235,12 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
     pairs, dropped = choose_pairs(pipe.unet, student, config.features, student_ref.path)
     log(f"feature KD ({config.features}): {len(pairs)} pairs" + (f", {len(dropped)} dropped for shape" if dropped else ""))
 
-    with processes.main_process_first():  # one process builds the latent cache, the others read it
-        latents = training_latents(pipe, teacher_ref, config)
-    ids = pipe.tokenizer(latents.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    pick = epoch_batches(len(latents), min(config.batch, len(latents)), config.seed)
-
-    def batch_for(step: int) -> dict:
-        index = pick(step)
-        return {"mean": latents.mean[index], "std": latents.std[index], "ids": ids[index]}
+    latents, batch_for = latent_data.training_batches(pipe, teacher_ref, config, config.seed, config.batch)
 
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     loss = KDLoss(pipe, student, pairs, config)
-    train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps,
-                               grad_clip=config.grad_clip, ema_decay=config.ema_decay, seed=config.seed,
-                               checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                               mixed_precision=config.mixed_precision)
+    train_config = config.train_config(config.steps, config.lr, config.ema_decay)
     began = time.perf_counter()
     identity = {"teacher": hash_model_folder(teacher_ref.path), "student": hash_model_folder(student_ref.path),
                 "config": config.model_dump()}
@@ -290,7 +260,7 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
         "config": config.model_dump(), "pairs": [list(p) for p in pairs], "dropped_pairs": [list(p) for p in dropped],
         "training_images": len(latents), "data_free": bool(config.captions),
         "resumed_at_step": resumed_at, "wall_time_s": round(time.perf_counter() - began, 1),
-        "final": _last_logged(out / "log.csv"),
+        "final": last_logged(out / "log.csv"),
     }
     if processes.is_main_process:
         _save_student(student.to("cpu"), student_ref if student_ref.kind == "pipeline" else teacher_ref, out)
@@ -304,9 +274,3 @@ def _save_student(student, components_from: modelio.ModelRef, out: Path) -> None
     modelio.copy_pipeline_except(components_from.path, out, "unet")
     student.save_pretrained(out / "unet", safe_serialization=True)
 
-
-def _last_logged(log_csv: Path) -> dict:
-    import csv
-
-    rows = list(csv.DictReader(log_csv.open())) if log_csv.exists() else []
-    return {k: float(v) for k, v in rows[-1].items()} if rows else {}

@@ -11,16 +11,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from . import data
+from .trainer import epoch_batches
+
+
+class DataSettings(BaseModel):
+    """Where a distillation run's latents come from: an image–caption set, or captions the teacher samples."""
+
+    data: str = "openmoji"  # an image–caption set: 'openmoji' or a folder with metadata.jsonl
+    captions: str | None = None  # data-free instead: a captions file, the teacher's samples as the data
+    teacher_steps: int = Field(25, ge=1)  # data-free sampling
+    teacher_guidance: float = Field(7.5, ge=0)
 
 
 @dataclass(frozen=True)
@@ -156,3 +168,31 @@ def read_captions(path: Path) -> list[str]:
     if not Path(path).is_file():
         raise UserError(f"{path}: no such captions file (one caption per line)")
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def training_latents(pipe, teacher, settings: DataSettings, seed: int) -> LatentSet:
+    """A distillation run's data: the teacher's samples of a captions file (data-free), else an image set."""
+    from ..apps import modelio
+
+    if settings.captions:
+        return teacher_latents(pipe, teacher.path, read_captions(Path(settings.captions)), settings.teacher_steps,
+                               settings.teacher_guidance, seed)
+    resolution = pipe.unet.config.sample_size * modelio.vae_scale_factor(teacher)
+    return image_latents(pipe, teacher.path / "vae", settings.data, resolution)
+
+
+def training_batches(pipe, teacher, settings: DataSettings, seed: int, batch: int) -> tuple[LatentSet, Callable[[int], dict]]:
+    """A run's latent set and its batches as a function of the step (latents, std and token ids)."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # one process builds the latent cache, the others read it
+        latents = training_latents(pipe, teacher, settings, seed)
+    ids = pipe.tokenizer(latents.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    pick = epoch_batches(len(latents), min(batch, len(latents)), seed)
+
+    def batch_for(step: int) -> dict:
+        index = pick(step)
+        return {"mean": latents.mean[index], "std": latents.std[index], "ids": ids[index]}
+
+    return latents, batch_for

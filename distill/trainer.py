@@ -15,10 +15,11 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from ..apps.errors import UserError
@@ -37,6 +38,24 @@ class TrainConfig(BaseModel):
     log_every: int = 10
     seed: int = 0
     mixed_precision: str = "auto"  # "auto": bf16 on CUDA, fp32 elsewhere; or "no", "bf16"
+
+
+class RunSettings(BaseModel):
+    """The loop settings every distillation stage exposes (KD, step distillation, slim VAE), as one block."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+    def train_config(self, steps: int, lr: float, ema_decay: float = 0.0) -> TrainConfig:
+        return TrainConfig(steps=steps, lr=lr, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+                           ema_decay=ema_decay, seed=self.seed, checkpoint_every=self.checkpoint_every,
+                           log_every=self.log_every, mixed_precision=self.mixed_precision)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -241,3 +260,9 @@ def _batch_size(batch: dict) -> int:
         if torch.is_tensor(value):
             return value.shape[0]
     return 1
+
+
+def last_logged(log_csv: Path) -> dict:
+    """The last row of a run's log.csv, as numbers (empty before the first log)."""
+    rows = list(csv.DictReader(Path(log_csv).open())) if Path(log_csv).exists() else []
+    return {k: float(v) for k, v in rows[-1].items()} if rows else {}

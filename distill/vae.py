@@ -13,22 +13,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from . import data
 from . import latents as latent_data
-from .trainer import Trainer, TrainConfig, epoch_batches
+from .trainer import RunSettings, Trainer, epoch_batches
 
 
-class SlimVAEConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SlimVAEConfig(RunSettings):
     width: float = Field(0.5, gt=0, le=1)  # channels kept per stage (rounded to the norm groups)
     layers_per_block: int | None = Field(None, ge=1)  # default: the teacher's
     steps: int = Field(1000, ge=1)
@@ -37,9 +34,6 @@ class SlimVAEConfig(BaseModel):
     warmup_steps: int = Field(50, ge=0)
     data: str = "openmoji"  # an image set: 'openmoji' or a folder with metadata.jsonl
     checkpoint_every: int = Field(200, ge=1)
-    log_every: int = Field(10, ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    seed: int = 0
 
 
 def slim_config(teacher: dict, width: float, layers_per_block: int | None) -> dict:
@@ -109,9 +103,7 @@ def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=pri
                  "encoder_std": (own.std.float() - posterior.std).pow(2).mean()}
         return {"loss": sum(terms.values()), **terms}
 
-    train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup_steps, seed=config.seed,
-                               checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                               mixed_precision=config.mixed_precision)
+    train_config = config.train_config(config.steps, config.lr)
     identity = {"teacher": hash_model_folder(ref.path), "config": config.model_dump()}
     began = time.perf_counter()
     trainer = Trainer(student, loss_fn, lambda step: {"x": images[pick(step)]}, train_config, out, "slim vae", identity)

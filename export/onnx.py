@@ -11,6 +11,7 @@ precision with fp32 inputs and outputs, so callers need not change.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -49,13 +50,27 @@ def write_layout(ref, out: Path, names: list[str]) -> None:
     write_optimum_layout(ref, out, names)
 
 
+def _dynamic_shapes(component: Component) -> dict:
+    """torch.export's dynamic-shape spec keyed by the forward's arguments; inputs that land in a `*args`
+    (the UNet's optional conditions, e.g. an LCM student's `timestep_cond`) go in as one tuple."""
+    specs = [{axis: torch.export.Dim.DYNAMIC for axis in component.dynamic.get(name, {})} for name in component.inputs]
+    shapes = {}
+    for position, (name, parameter) in enumerate(inspect.signature(component.module.forward).parameters.items()):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            if specs[position:]:  # an empty *args is not an argument to torch.export
+                shapes[name] = tuple(specs[position:])
+            break
+        if position < len(specs):
+            shapes[name] = specs[position]
+    return shapes
+
+
 def export_component(component: Component, folder: Path, precision: str, **_) -> Path:
     """Write `<folder>/model.onnx` for one component; return its path."""
     check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE
-    dynamic = {name: {axis: torch.export.Dim.DYNAMIC for axis in component.dynamic.get(name, {})}
-               for name in component.inputs}
+    dynamic = _dynamic_shapes(component)
     large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:

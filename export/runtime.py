@@ -3,7 +3,8 @@
 `OnnxModel` needs onnxruntime and numpy only; nothing on the ONNX path imports torch, which is
 what an app ships. `ExecuTorchModel` runs a `.pte` through ExecuTorch's own runtime (the same
 runtime a phone links), which takes torch tensors at its Python boundary. `ExportedPipeline` is the
-text → image loop over either: tokenizer, classifier-free guidance, DDIM, VAE decode.
+text → image loop over either: tokenizer, classifier-free guidance (or a student's embedded
+guidance), DDIM or LCM, VAE decode.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from ..apps.errors import UserError
 from .clip_bpe import ClipBPE
 from .ddim import DDIM
+from .lcm import LCM
 
 BACKEND_FILES = {"onnx": "model.onnx", "executorch": "model.pte"}
 ETDUMP_NEEDS_EXECUTORCH = "ETDump is ExecuTorch's trace: --etdump needs --backend executorch"
@@ -97,7 +99,7 @@ class ExportedPipeline:
         if missing:
             raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
         self.tokenizer = ClipBPE(folder / "tokenizer")
-        self.scheduler = DDIM.from_folder(folder / "scheduler")
+        self.scheduler = scheduler_from_folder(folder / "scheduler")
         self.text_encoder = load_model(folder / "text_encoder" / file, etdump)
         self.unet = load_model(folder / "unet" / file, etdump)
         self.vae_decoder = load_model(folder / "vae_decoder" / file, etdump)
@@ -105,10 +107,12 @@ class ExportedPipeline:
         vae_config = json.loads((folder / "vae_decoder" / "config.json").read_text())
         self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
         self.scaling = float(vae_config.get("scaling_factor", 0.18215))
-        self.unet_extra = [n for n in self.unet.input_names if n not in ("sample", "timestep", "encoder_hidden_states")]
-        if self.unet_extra:
+        self.guidance_dim = unet_config.get("time_cond_proj_dim")  # a few-step student: guidance in its weights
+        known = ("sample", "timestep", "encoder_hidden_states") + (("timestep_cond",) if self.guidance_dim else ())
+        extra = [n for n in self.unet.input_names if n not in known]
+        if extra:
             raise UserError(f"{folder}: the exported-pipeline runner handles SD-1.x/2.x UNets; this one also takes "
-                            f"{', '.join(self.unet_extra)}")
+                            f"{', '.join(extra)}")
 
     def write_etdumps(self, out: Path) -> list[Path]:
         """One `<component>.etdp` per component, covering every call so far."""
@@ -129,29 +133,49 @@ class ExportedPipeline:
     def __call__(self, prompts: list[str], steps: int, guidance: float, seed: int = 0,
                  latents: np.ndarray | None = None) -> np.ndarray:
         return np.stack([self._one(p, steps, guidance, latents[i] if latents is not None else
-                                   self.initial_latents(1, seed + i)[0]) for i, p in enumerate(prompts)])
+                                   self.initial_latents(1, seed + i)[0], np.random.default_rng([seed + i, 1]))
+                         for i, p in enumerate(prompts)])
 
-    def _unet(self, sample: np.ndarray, t, context: np.ndarray) -> np.ndarray:
+    def _unet(self, sample: np.ndarray, t, context: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
         """One UNet call; a program traced at a fixed batch (ExecuTorch) gets its batch by padding or splitting."""
         fixed = getattr(self.unet, "static_shapes", {}).get("sample", (None,))[0]
-        timestep = np.array(t, dtype=np.float32)
         if fixed is None or fixed == len(sample):
-            return self.unet({"sample": sample, "timestep": timestep, "encoder_hidden_states": context})["out_sample"]
+            inputs = {"sample": sample, "timestep": np.array(t, dtype=np.float32), "encoder_hidden_states": context}
+            if cond is not None:
+                inputs["timestep_cond"] = cond
+            return self.unet(inputs)["out_sample"]
+        parts = [a for a in (sample, context, cond) if a is not None]
         if fixed > len(sample):
             repeat = -(-fixed // len(sample))
-            padded = [np.concatenate([a] * repeat)[:fixed] for a in (sample, context)]
-            return self._unet(padded[0], t, padded[1])[:len(sample)]
-        return np.concatenate([self._unet(sample[i:i + fixed], t, context[i:i + fixed])
-                               for i in range(0, len(sample), fixed)])
+            padded = [np.concatenate([a] * repeat)[:fixed] for a in parts] + [None]
+            return self._unet(padded[0], t, padded[1], padded[2])[:len(sample)]
+        chunks = [[a[i:i + fixed] for a in parts] + [None] for i in range(0, len(sample), fixed)]
+        return np.concatenate([self._unet(c[0], t, c[1], c[2]) for c in chunks])
 
-    def _one(self, prompt: str, steps: int, guidance: float, latent: np.ndarray) -> np.ndarray:
+    def _one(self, prompt: str, steps: int, guidance: float, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cond = self.encode([prompt])
-        guided = guidance > 1.0
+        embedded = guidance_embedding(guidance, self.guidance_dim) if self.guidance_dim else None
+        guided = guidance > 1.0 and embedded is None  # a student with guidance inside needs no unconditional pass
         context = np.concatenate([self.encode([""]), cond]) if guided else cond
         x = latent[None].astype(np.float32)
         for t in self.scheduler.timesteps(steps):
-            out = self._unet(np.concatenate([x, x]) if guided else x, t, context)
+            out = self._unet(np.concatenate([x, x]) if guided else x, t, context, embedded)
             eps = out[:1] + guidance * (out[1:] - out[:1]) if guided else out
-            x = self.scheduler.step(eps, int(t), x, steps)
+            x = self.scheduler.step(eps, int(t), x, steps, rng)
         image = self.vae_decoder({"latent_sample": x / self.scaling})["sample"][0]
         return (np.clip(image.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+
+
+def scheduler_from_folder(folder: Path) -> DDIM | LCM:
+    """The numpy sampler for a scheduler config: LCM's for LCMScheduler, deterministic DDIM for the rest."""
+    config = json.loads((Path(folder) / "scheduler_config.json").read_text())
+    return LCM(config) if config.get("_class_name") == "LCMScheduler" else DDIM(config)
+
+
+def guidance_embedding(guidance: float, dim: int) -> np.ndarray:
+    """`guidance − 1` embedded as diffusers' pipelines feed a guidance-distilled UNet, shape (1, dim)."""
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1))).astype(np.float32)
+    angles = np.float32((guidance - 1.0) * 1000.0) * freqs
+    emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(np.float32)
+    return np.pad(emb, (0, dim % 2))[None]

@@ -108,7 +108,7 @@ def test_killed_kd_resumes_to_the_weights_of_a_straight_run(three_stage_pipeline
                                                             monkeypatch):
     teacher, pruned = modelio.open_model(three_stage_pipeline), modelio.open_model(student)
     distill_kd(teacher, pruned, _config(image_folder), tmp_path / "straight")
-    real = kd.epoch_batches
+    real = latents.epoch_batches
 
     def dying(*args):
         pick = real(*args)
@@ -119,10 +119,10 @@ def test_killed_kd_resumes_to_the_weights_of_a_straight_run(three_stage_pipeline
             return pick(step)
         return indices
 
-    monkeypatch.setattr(kd, "epoch_batches", dying)
+    monkeypatch.setattr(latents, "epoch_batches", dying)
     with pytest.raises(KeyboardInterrupt):
         distill_kd(teacher, pruned, _config(image_folder), tmp_path / "resumed")
-    monkeypatch.setattr(kd, "epoch_batches", real)
+    monkeypatch.setattr(latents, "epoch_batches", real)
     report = distill_kd(teacher, pruned, _config(image_folder), tmp_path / "resumed")
     assert report["resumed_at_step"] == 4
     straight = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet").state_dict()

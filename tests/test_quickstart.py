@@ -1,5 +1,6 @@
 """The README's main job, end to end on the embedded default, exactly as shipped."""
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,8 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     subprocess.run(command, check=True, capture_output=True, text=True)
     run_dir = tmp_path / "quickstart"
     stages = sorted(p.name for p in run_dir.iterdir())
-    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-kd", "06-evaluate", "07-export"]
+    assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-kd", "06-evaluate",
+                      "07-step-distill", "08-evaluate", "09-export"]
     manifests = {name: read_manifest(run_dir / name) for name in stages}
     assert all(m["status"] == "done" for m in manifests.values())
     assert (run_dir / "01-generate" / "grid.png").exists()
@@ -31,8 +33,12 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     assert distilled[key]["prompt_score"] > 0.7 * teacher[key]["prompt_score"]  # KD wins most of it back
     assert distilled[key]["prompt_score"] > pruned[key]["prompt_score"] + 0.1
     assert manifests["05-kd"]["metrics"]["feature_pairs"] == 8  # bk-small keeps 4 down and 4 up stage outputs
-    exported = manifests["07-export"]["metrics"]
+    one_step = "validation/steps=1/guidance=7.5"
+    few_step = manifests["08-evaluate"]["metrics"]
+    assert few_step[one_step]["prompt_score"] > distilled[one_step]["prompt_score"]  # beats its teacher at 1 step
+    exported = manifests["09-export"]["metrics"]
     assert exported["onnx/image_psnr"] >= 40 and exported["onnx/unet/max_abs"] < 1e-3
-    assert (run_dir / "07-export" / "onnx" / "unet" / "model.onnx").exists()
+    onnx_unet = run_dir / "09-export" / "onnx" / "unet"
+    assert (onnx_unet / "model.onnx").exists() and json.loads((onnx_unet / "config.json").read_text())["time_cond_proj_dim"]
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.count("skipped") == 7
+    assert again.stdout.count("skipped") == 9

@@ -1,0 +1,78 @@
+"""How few steps a distilled student needs: teacher vs LCM and progressive students, scored by the judge.
+
+    python benchmarks/steps.py [--model default] [--lcm-steps 800] [--progressive-steps 200]
+                               [--start-steps 16] [--batch 32] [--prompts 256] [--work steps-bench] [--json F]
+
+The teacher samples with DDIM and classifier-free guidance 7.5 at 1, 2, 4, 8 and 25 steps; each
+student samples at 1, 2 and 4 steps with guidance 7.5 embedded (one UNet call per step), with the
+scheduler saved in its folder. Same validation prompts and seeds for every row: prompt score ↑
+(also as a share of the teacher's 25-step score), Fréchet distance ↓, retrieval ↑. Training wall
+time is per method on this machine. Runs resume: a student already trained in `--work` is only
+evaluated again. Give `--model` a pruned + KD'd pipeline for the issue's second table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pocketdiff.apps import modelio
+from pocketdiff.apps.evaluate import load_judge
+from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
+from pocketdiff.distill.steps import StepDistillConfig, distill_steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--lcm-steps", type=int, default=800)
+    parser.add_argument("--progressive-steps", type=int, default=200)
+    parser.add_argument("--start-steps", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--work", default="steps-bench")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    work, judge = Path(args.work), load_judge("default")
+    teacher = modelio.open_model(args.model)
+
+    def scores(ref, step_counts) -> dict:
+        config = EvaluateConfig(prompts=args.prompts, steps=step_counts, guidance=[7.5])
+        results = evaluate_model(modelio.load_pipeline(ref), judge, config, seed=0, log=lambda _: None)
+        return {n: results[f"validation/steps={n}/guidance=7.5"] for n in step_counts}
+
+    rows = {"teacher (DDIM + CFG)": {"scores": scores(teacher, [1, 2, 4, 8, 25])}}
+    methods = {"lcm": {"steps": args.lcm_steps},
+               "progressive": {"steps": args.progressive_steps, "start_steps": args.start_steps}}
+    for method, changes in methods.items():
+        config = StepDistillConfig(method=method, batch=args.batch, lr=args.lr, checkpoint_every=100, **changes)
+        began = time.perf_counter()
+        report = distill_steps(teacher, config, work / method, log=lambda _: None)
+        trained = sum(r["wall_time_s"] for r in report["rounds"])
+        rows[f"{method} student"] = {"scores": scores(modelio.open_model(work / method), [1, 2, 4]),
+                                     "train_wall_s": round(trained, 1), "this_run_s": round(time.perf_counter() - began, 1),
+                                     "optimizer_steps": sum(config.steps for _ in report["rounds"]),
+                                     "resumed": [r["resumed_at_step"] for r in report["rounds"]]}
+
+    top = rows["teacher (DDIM + CFG)"]["scores"][25]["prompt_score"]
+    print(f"{args.model}: {args.prompts} validation prompts, guidance 7.5, seeds 0+i; batch {args.batch}, "
+          f"lr {args.lr}, {torch.get_num_threads()} CPU threads\n")
+    print("| model | steps | prompt score | ÷ teacher@25 | Fréchet | retrieval | training wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        for n, q in row["scores"].items():
+            wall = f"{row['train_wall_s']:.0f}" if "train_wall_s" in row else "–"
+            print(f"| {name} | {n} | {q['prompt_score']:.4f} | {q['prompt_score'] / top:.3f} | "
+                  f"{q['frechet_distance']:.3f} | {q['retrieval_accuracy']:.3f} | {wall} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Step distillation: a UNet that samples in 1–4 steps, guidance distilled into its weights.
+
+Both methods give the student LCM's guidance input (`time_cond_proj_dim`, the guidance scale
+embedded as stock diffusers' pipelines embed it, `guidance − 1`), added to the teacher's weights
+with its projection zeroed so the student starts as the teacher. Stock diffusers then runs one UNet
+evaluation per step and no classifier-free pair, and the saved scheduler (LCM's, or DDIM on the
+trained grid) samples the student with `StableDiffusionPipeline` at the distilled step count.
+
+- `lcm` (Latent Consistency Models; diffusers' train_lcm_distill_sd_wds.py is the peer): one DDIM
+  step of the guided teacher over a `solver_steps` grid, the student's consistency output
+  (c_skip·x + c_out·x̂0, LCMScheduler's boundary scalings) matched to an EMA target's output on the
+  teacher's next point, guidance scale drawn per sample.
+- `progressive` (Salimans & Ho): rounds that halve the step count; each student matches two DDIM
+  half-steps of its teacher (the original, guided, then the previous round's student) in one: the
+  x̂0 that lands where the teacher lands, regressed in the student's own output space (ε, v or x0;
+  ε weights high noise least, which is why v-prediction is offered for 1-step students).
+
+The text encoder and VAE stay the teacher's; only the UNet trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import ConfigDict, Field, model_validator
+
+from ..apps import modelio
+from ..apps.errors import UserError
+from ..apps.runner import hash_model_folder
+from . import latents as latent_data
+from .trainer import RunSettings, Trainer, last_logged
+
+GUIDANCE_DIM = 256  # diffusers' LCM students use 256 (`time_cond_proj_dim`)
+
+
+class StepDistillConfig(RunSettings, latent_data.DataSettings):
+    """Everything a step-distillation run depends on; the recipe stage and the CLI both build one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lcm", "progressive"] = "lcm"
+    steps: int = Field(500, ge=1)  # optimiser steps (per round for progressive)
+    batch: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    guidance_min: float = Field(3.0, ge=1)  # guidance scale drawn per sample, embedded into the student
+    guidance_max: float = Field(9.0, ge=1)
+    solver_steps: int = Field(50, ge=2)  # lcm: the teacher's DDIM grid (LCMScheduler's original_inference_steps)
+    loss: Literal["huber", "l2"] = "huber"  # lcm
+    huber_c: float = Field(0.001, gt=0)
+    target_decay: float = Field(0.95, ge=0, lt=1)  # lcm: EMA rate of the target network
+    start_steps: int = Field(16, ge=2)  # progressive: the teacher's steps in round 1; each round halves
+    final_steps: int = Field(1, ge=1)  # progressive: the last student's steps
+    prediction: Literal["teacher", "epsilon", "v_prediction", "sample"] = "teacher"  # progressive: student output
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # progressive: EMA of the saved student
+
+    @model_validator(mode="after")
+    def coherent(self):
+        if self.guidance_min > self.guidance_max:
+            raise ValueError(f"guidance_min {self.guidance_min} is above guidance_max {self.guidance_max}")
+        if self.method == "progressive":
+            rounds = math.log2(self.start_steps / self.final_steps)
+            if self.start_steps <= self.final_steps or rounds != int(rounds):
+                raise ValueError(f"start_steps {self.start_steps} must be final_steps {self.final_steps} "
+                                 "times a power of two (each round halves the steps)")
+        return self
+
+    def student_step_counts(self) -> list[int]:
+        """The step count each round's student learns: start/2, start/4, ... final (one entry for LCM)."""
+        if self.method == "lcm":
+            return [self.solver_steps]
+        counts, n = [], self.start_steps
+        while n > self.final_steps:
+            n //= 2
+            counts.append(n)
+        return counts
+
+
+def guidance_embedding(guidance: torch.Tensor, dim: int = GUIDANCE_DIM) -> torch.Tensor:
+    """The student's guidance input: `guidance − 1` embedded exactly as diffusers' SD and LCM pipelines do."""
+    w = (guidance.float() - 1.0) * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+def with_guidance_input(unet, dim: int = GUIDANCE_DIM):
+    """A copy of `unet` that takes the embedded guidance scale, its projection zeroed: it starts as `unet`."""
+    from diffusers import UNet2DConditionModel
+
+    if unet.config.get("time_cond_proj_dim"):
+        return copy.deepcopy(unet)
+    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}  # else from_config drops our dim
+    student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": dim})
+    missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
+        raise UserError(f"cannot add a guidance input to this UNet (unexpected {unexpected[:2]}, missing {missing[:2]})")
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student.to(unet.device)
+
+
+def _col(values: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, 1, 1, 1)
+
+
+def x0_and_eps(output: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean-sample and noise estimates from a UNet output in its parameterisation; `a` is ᾱ_t per sample."""
+    alpha, sigma = _col(a).sqrt(), _col(1 - a).sqrt()
+    if prediction == "epsilon":
+        return (x - sigma * output) / alpha, output
+    if prediction == "v_prediction":
+        x0 = alpha * x - sigma * output
+        return x0, alpha * output + sigma * x
+    return output, (x - alpha * output) / sigma  # "sample"
+
+
+def output_for(x0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The UNet output, in its parameterisation, whose clean-sample estimate at x is `x0` (x0_and_eps inverted)."""
+    alpha, sigma = _col(a).sqrt(), _col(1 - a).sqrt()
+    if prediction == "epsilon":
+        return (x - alpha * x0) / sigma
+    if prediction == "v_prediction":
+        return (alpha * x - x0) / sigma
+    return x0
+
+
+def ddim_to(x0: torch.Tensor, eps: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM: the point at ᾱ_next on the line that (x̂0, ε̂) define."""
+    return _col(a_next).sqrt() * x0 + _col(1 - a_next).sqrt() * eps
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """LCMScheduler's c_skip and c_out at integer timesteps t (c_skip = 1, c_out = 0 at t = 0)."""
+    scaled = t.float() * timestep_scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / (scaled ** 2 + sigma_data ** 2).sqrt()
+    return _col(c_skip), _col(c_out)
+
+
+class GuidedTeacher:
+    """The teacher's guided (x̂0, ε̂): a classifier-free pair, or one call where guidance is already embedded."""
+
+    def __init__(self, unet, prediction: str):
+        self.unet, self.prediction = unet, prediction
+        self.embedded = bool(unet.config.get("time_cond_proj_dim"))
+
+    @torch.no_grad()
+    def __call__(self, x, t, a, text, empty_text, guidance) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.embedded:
+            cond = guidance_embedding(guidance, self.unet.config.time_cond_proj_dim)
+            out = self.unet(x, t, text, timestep_cond=cond.to(x.dtype)).sample.float()
+            return x0_and_eps(out, x, a, self.prediction)
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, empty_text])).sample.float()
+        x0_c, eps_c = x0_and_eps(out[:len(x)], x, a, self.prediction)
+        x0_u, eps_u = x0_and_eps(out[len(x):], x, a, self.prediction)
+        g = _col(guidance)
+        return x0_u + g * (x0_c - x0_u), eps_u + g * (eps_c - eps_u)
+
+
+class _Batch:
+    """The parts of a step both losses draw: text embeddings, clean latents, guidance scales."""
+
+    def __init__(self, pipe, config: StepDistillConfig):
+        self.text_encoder, self.config = pipe.text_encoder, config
+        self.scale = pipe.vae.config.scaling_factor
+        tokenizer = pipe.tokenizer
+        self.empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                               return_tensors="pt").input_ids
+
+    @torch.no_grad()
+    def draw(self, batch: dict, generator: torch.Generator):
+        config, device, shape = self.config, batch["mean"].device, batch["mean"].shape
+        z = (batch["mean"] + batch["std"] * torch.randn(shape, generator=generator, device=device)) * self.scale
+        text = self.text_encoder(batch["ids"])[0]
+        empty = self.text_encoder(self.empty.to(device))[0].expand_as(text)
+        u = torch.rand(shape[0], generator=generator, device=device)
+        guidance = config.guidance_min + (config.guidance_max - config.guidance_min) * u
+        return z, text, empty, guidance
+
+
+class LCMLoss:
+    """Latent consistency distillation of one batch; the trainer's EMA of the student is the target network."""
+
+    def __init__(self, pipe, student, alphas: torch.Tensor, config: StepDistillConfig):
+        self.student, self.config, self.alphas = student, config, alphas
+        self.prediction = pipe.scheduler.config.prediction_type
+        self.teacher = GuidedTeacher(pipe.unet, self.prediction)
+        self.parts = _Batch(pipe, config)
+        k = len(alphas) // config.solver_steps
+        self.grid = torch.arange(1, config.solver_steps + 1) * k - 1  # LCMScheduler's origin timesteps
+        self.skip = k
+        self.target_weights: dict[str, torch.Tensor] = {}
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        z, text, empty, guidance = self.parts.draw(batch, generator)
+        device, n = z.device, z.shape[0]
+        alphas = self.alphas.to(device)
+        index = torch.randint(0, len(self.grid), (n,), generator=generator, device=device)
+        t = self.grid.to(device)[index]
+        t_prev = (t - self.skip).clamp(min=0)
+        noise = torch.randn(z.shape, generator=generator, device=device)
+        a, a_prev = alphas[t], alphas[t_prev]
+        x = ddim_to(z, noise, a)
+        cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
+
+        out = self.student(x, t, text, timestep_cond=cond).sample.float()
+        c_skip, c_out = boundary_scalings(t)
+        pred = c_skip * x + c_out * x0_and_eps(out, x, a, self.prediction)[0]
+        with torch.no_grad():
+            x_prev = ddim_to(*self.teacher(x, t, a, text, empty, guidance), a_prev)
+            target_out = torch.func.functional_call(self.student, self.target_weights, (x_prev, t_prev, text),
+                                                    {"timestep_cond": cond}).sample.float()
+            c_skip, c_out = boundary_scalings(t_prev)
+            target = c_skip * x_prev + c_out * x0_and_eps(target_out, x_prev, a_prev, self.prediction)[0]
+        if self.config.loss == "huber":
+            c = self.config.huber_c
+            loss = ((pred - target).pow(2) + c * c).sqrt().mean() - c
+        else:
+            loss = (pred - target).pow(2).mean()
+        return {"loss": loss, "x0_mse": (pred - target).pow(2).mean().detach()}
+
+
+class ProgressiveLoss:
+    """One round of progressive distillation: the student's one DDIM step against the teacher's two."""
+
+    def __init__(self, pipe, teacher_unet, student, alphas: torch.Tensor, final_alpha: float, student_steps: int,
+                 teacher_prediction: str, student_prediction: str, config: StepDistillConfig):
+        self.student, self.alphas, self.final_alpha = student, alphas, final_alpha
+        self.prediction = student_prediction
+        self.teacher = GuidedTeacher(teacher_unet, teacher_prediction)
+        self.parts = _Batch(pipe, config)
+        self.stride = len(alphas) // student_steps
+        self.grid = len(alphas) - 1 - self.stride * torch.arange(student_steps)  # DDIM "trailing" timesteps
+
+    def _alpha(self, t: torch.Tensor) -> torch.Tensor:
+        alphas = self.alphas.to(t.device)
+        return torch.where(t >= 0, alphas[t.clamp(min=0)], torch.full_like(alphas[:1], self.final_alpha))
+
+    def __call__(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        z, text, empty, guidance = self.parts.draw(batch, generator)
+        device, n = z.device, z.shape[0]
+        t = self.grid.to(device)[torch.randint(0, len(self.grid), (n,), generator=generator, device=device)]
+        t_mid, t_end = t - self.stride // 2, t - self.stride
+        a, a_mid, a_end = self._alpha(t), self._alpha(t_mid), self._alpha(t_end)
+        x = ddim_to(z, torch.randn(z.shape, generator=generator, device=device), a)
+        with torch.no_grad():
+            x_mid = ddim_to(*self.teacher(x, t, a, text, empty, guidance), a_mid)
+            x_end = ddim_to(*self.teacher(x_mid, t_mid, a_mid, text, empty, guidance), a_end)
+            ratio = _col((1 - a_end) / (1 - a)).sqrt()
+            x0_target = (x_end - ratio * x) / (_col(a_end).sqrt() - ratio * _col(a).sqrt())
+        cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
+        out = self.student(x, t, text, timestep_cond=cond).sample.float()
+        x0 = x0_and_eps(out, x, a, self.prediction)[0]
+        target = output_for(x0_target, x, a, self.prediction)
+        return {"loss": (out - target).pow(2).mean(), "x0_mse": (x0 - x0_target).pow(2).mean().detach()}
+
+
+def _schedule(pipe) -> tuple[torch.Tensor, float]:
+    from diffusers import DDPMScheduler
+
+    config = pipe.scheduler.config
+    alphas = DDPMScheduler.from_config(config).alphas_cumprod.float()
+    final = 1.0 if config.get("set_alpha_to_one", True) else float(alphas[0])
+    return alphas, final
+
+
+def _student_scheduler(pipe, config: StepDistillConfig, prediction: str):
+    """The scheduler that samples the student on the grid it learned, in stock diffusers."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
+    if config.method == "lcm":
+        return LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=config.solver_steps,
+                                        timestep_scaling=10.0)
+    return DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", prediction_type=prediction,
+                                     clip_sample=False, thresholding=False)
+
+
+def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: Path, log=print) -> dict:
+    """Distil `model_ref`'s UNet to few steps; write the student pipeline and `steps_report.json` to `out`."""
+    from accelerate import PartialState
+
+    out, processes = Path(out), PartialState()
+    if model_ref.kind != "pipeline" or model_ref.random_weights:
+        raise UserError(f"{model_ref.path}: step distillation needs a pipeline folder with weights")
+    pipe = modelio.load_pipeline(model_ref)
+    unet_config = dict(pipe.unet.config)
+    if unet_config.get("addition_embed_type"):
+        raise UserError("step distillation feeds SD-1/2-style UNet inputs; SDXL's added conditions are not built yet")
+    teacher_prediction = pipe.scheduler.config.prediction_type
+    prediction = teacher_prediction if config.prediction == "teacher" else config.prediction
+    alphas, final_alpha = _schedule(pipe)
+    bad = [n for n in config.student_step_counts() if len(alphas) % n]
+    if bad:
+        raise UserError(f"{bad[0]} steps do not divide the {len(alphas)} training timesteps: the student's grid would "
+                        "not be the one diffusers samples (choose step counts that divide it)")
+    for frozen in (pipe.unet.eval(), pipe.text_encoder.eval()):
+        frozen.requires_grad_(False)
+
+    latents, batch_for = latent_data.training_batches(pipe, model_ref, config, config.seed, config.batch)
+
+    began, identity = time.perf_counter(), {"teacher": hash_model_folder(model_ref.path), "config": config.model_dump()}
+    student = with_guidance_input(pipe.unet).train().requires_grad_(True)
+    rounds = []
+    if config.method == "lcm":
+        loss = LCMLoss(pipe, student, alphas, config)
+        train = config.train_config(config.steps, config.lr, config.target_decay)  # the EMA is LCM's target network
+        trainer = Trainer(student, loss, batch_for, train, out, "lcm", identity)
+        loss.target_weights = trainer.ema
+        rounds.append(_run(trainer, pipe, out, config.solver_steps))
+    else:
+        teacher = pipe.unet
+        for n in config.student_step_counts():
+            folder = out / "rounds" / f"{n}-steps"
+            if (folder / "unet" / "config.json").exists():
+                student = modelio.load_unet(modelio.open_model(folder / "unet")).train().requires_grad_(True)
+                rounds.append(json.loads((folder / "round.json").read_text()))
+            else:
+                loss = ProgressiveLoss(pipe, teacher, student, alphas, final_alpha, n,
+                                       teacher_prediction if teacher is pipe.unet else prediction, prediction, config)
+                train = config.train_config(config.steps, config.lr, config.ema_decay)
+                trainer = Trainer(student, loss, batch_for, train, folder, f"progressive → {n} steps",
+                                  {**identity, "round": n})
+                rounds.append(_run(trainer, pipe, folder, n))
+                student.load_state_dict(trainer.ema_state_dict())
+                if processes.is_main_process:
+                    student.save_pretrained(folder / "unet", safe_serialization=True)
+                    (folder / "round.json").write_text(json.dumps(rounds[-1], indent=2))
+            log(f"{config.method}: {n}-step student trained ({rounds[-1]['wall_time_s']} s)")
+            teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    report = {"method": config.method, "teacher": str(model_ref.path.resolve()), "config": config.model_dump(),
+              "prediction_type": prediction, "rounds": rounds,
+              "sample_steps": [1, 2, 4] if config.method == "lcm" else [config.final_steps],
+              "training_images": len(latents), "data_free": bool(config.captions),
+              "wall_time_s": round(time.perf_counter() - began, 1)}
+    if processes.is_main_process:
+        modelio.copy_pipeline_except(model_ref.path, out, "unet")
+        student.to("cpu").eval().save_pretrained(out / "unet", safe_serialization=True)
+        _write_scheduler(_student_scheduler(pipe, config, prediction), out)
+        (out / "steps_report.json").write_text(json.dumps(report, indent=2))
+    processes.wait_for_everyone()
+    return report
+
+
+def _run(trainer: Trainer, pipe, folder: Path, student_steps: int) -> dict:
+    """Train with the frozen teacher parts on the trainer's device; the round's figures."""
+    resumed_at = trainer.step
+    pipe.unet.to(trainer.accelerator.device)
+    pipe.text_encoder.to(trainer.accelerator.device)
+    began = time.perf_counter()
+    trainer.run()
+    return {"student_steps": student_steps, "resumed_at_step": resumed_at,
+            "wall_time_s": round(time.perf_counter() - began, 1), "final": last_logged(folder / "log.csv")}
+
+
+def _write_scheduler(scheduler, out: Path) -> None:
+    """The student's scheduler config, and model_index.json naming its class so stock diffusers loads it."""
+    scheduler.save_pretrained(out / "scheduler")
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    index_path.write_text(json.dumps(index, indent=2))
+

@@ -171,15 +171,18 @@ class _Batch:
         self.text_encoder, self.config = pipe.text_encoder, config
         self.scale = pipe.vae.config.scaling_factor
         tokenizer = pipe.tokenizer
-        self.empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                               return_tensors="pt").input_ids
+        self.empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                                   return_tensors="pt").input_ids
+        self.empty: torch.Tensor | None = None  # the empty prompt's embedding, encoded once (the encoder is frozen)
 
     @torch.no_grad()
     def draw(self, batch: dict, generator: torch.Generator):
         config, device, shape = self.config, batch["mean"].device, batch["mean"].shape
         z = (batch["mean"] + batch["std"] * torch.randn(shape, generator=generator, device=device)) * self.scale
         text = self.text_encoder(batch["ids"])[0]
-        empty = self.text_encoder(self.empty.to(device))[0].expand_as(text)
+        if self.empty is None or self.empty.device != text.device:
+            self.empty = self.text_encoder(self.empty_ids.to(device))[0]
+        empty = self.empty.expand_as(text)
         u = torch.rand(shape[0], generator=generator, device=device)
         guidance = config.guidance_min + (config.guidance_max - config.guidance_min) * u
         return z, text, empty, guidance

@@ -8,9 +8,6 @@ a 1–4 step student is distilled for.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from ..apps.errors import UserError
@@ -52,10 +49,6 @@ class DDIM:
         self.alphas_cumprod = alphas_cumprod(config)
         self.final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
         self.train_steps = len(self.alphas_cumprod)
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> DDIM:
-        return cls(json.loads((Path(folder) / "scheduler_config.json").read_text()))
 
     def timesteps(self, steps: int) -> np.ndarray:
         spacing, offset = self.config.get("timestep_spacing", "leading"), int(self.config.get("steps_offset", 0))

@@ -9,11 +9,9 @@ timestep (drawn from the caller's numpy generator, so those draws are numpy's, n
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
+from ..apps.errors import UserError
 from .ddim import alphas_cumprod, x0_and_eps
 
 
@@ -21,20 +19,15 @@ class LCM:
     def __init__(self, config: dict):
         self.config = config
         self.alphas_cumprod = alphas_cumprod(config)
-        self.final_alpha = 1.0 if config.get("set_alpha_to_one", True) else float(self.alphas_cumprod[0])
         self.original_steps = int(config.get("original_inference_steps", 50))
         self.scaling = float(config.get("timestep_scaling", 10.0))
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> LCM:
-        return cls(json.loads((Path(folder) / "scheduler_config.json").read_text()))
 
     def timesteps(self, steps: int) -> np.ndarray:
         """Evenly spaced picks from the student's training grid (k·1 − 1, …, k·original − 1), highest first."""
         k = len(self.alphas_cumprod) // self.original_steps
         origin = (np.arange(1, self.original_steps + 1) * k - 1)[::-1]
         if not 1 <= steps <= self.original_steps:
-            raise ValueError(f"an LCM student samples in 1 to {self.original_steps} steps, not {steps}")
+            raise UserError(f"an LCM student samples in 1 to {self.original_steps} steps, not {steps}")
         return origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]
 
     def denoised(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> np.ndarray:

@@ -379,7 +379,7 @@ def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder g
     console.print(f"judge folder: {out}")
 
 
-_NOT_BUILT = {  # command path → (summary, issue)
+_NOT_BUILT = {  # command → (summary, issue)
     "quantize": ("Quantization-aware training per export target.", 8),
     "profile": ("Latency profiling on the host and devices.", 9),
     "sweep": ("Pruning sweeps with Pareto plots.", 10),
@@ -387,19 +387,16 @@ _NOT_BUILT = {  # command path → (summary, issue)
 }
 
 
-def _not_built(command_path: str, summary: str, issue: int):
-    *group, name = command_path.split()
-
+def _not_built(name: str, summary: str, issue: int):
     def command(args: Annotated[Optional[list[str]], typer.Argument(help="Arguments (not parsed yet).")] = None):
-        raise UserError(f"'{command_path}' is not built yet (issue #{issue}); nothing was run")
+        raise UserError(f"'{name}' is not built yet (issue #{issue}); nothing was run")
 
     command.__doc__ = f"{summary} Not built yet (issue #{issue})."
-    parent = {"distill": distill_app}[group[0]] if group else app
-    parent.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-for _path, (_summary, _issue) in _NOT_BUILT.items():
-    _not_built(_path, _summary, _issue)
+for _name, (_summary, _issue) in _NOT_BUILT.items():
+    _not_built(_name, _summary, _issue)
 
 
 @app.callback()

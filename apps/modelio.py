@@ -144,6 +144,12 @@ def copy_pipeline_except(source: Path, out: Path, component: str) -> None:
             shutil.copytree(source / name, out / name, dirs_exist_ok=True)
 
 
+
+def save_pipeline_with(source: Path, out: Path, component: str, model) -> None:
+    """A pipeline folder at `out`: `model` (safetensors) as `component`, every other component from `source`."""
+    copy_pipeline_except(source, out, component)
+    model.save_pretrained(out / component, safe_serialization=True)
+
 def _random_components(path: Path) -> dict:
     """Components that have a config but no weights, instantiated from the config."""
     import diffusers

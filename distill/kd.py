@@ -263,14 +263,9 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
         "final": last_logged(out / "log.csv"),
     }
     if processes.is_main_process:
-        _save_student(student.to("cpu"), student_ref if student_ref.kind == "pipeline" else teacher_ref, out)
+        components_from = student_ref if student_ref.kind == "pipeline" else teacher_ref
+        modelio.save_pipeline_with(components_from.path, out, "unet", student.to("cpu"))
         (out / "kd_report.json").write_text(json.dumps(report, indent=2))
     processes.wait_for_everyone()
     return report
-
-
-def _save_student(student, components_from: modelio.ModelRef, out: Path) -> None:
-    """The student UNet in a pipeline folder: the other components copied from `components_from`."""
-    modelio.copy_pipeline_except(components_from.path, out, "unet")
-    student.save_pretrained(out / "unet", safe_serialization=True)
 

@@ -343,8 +343,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
               "training_images": len(latents), "data_free": bool(config.captions),
               "wall_time_s": round(time.perf_counter() - began, 1)}
     if processes.is_main_process:
-        modelio.copy_pipeline_except(model_ref.path, out, "unet")
-        student.to("cpu").eval().save_pretrained(out / "unet", safe_serialization=True)
+        modelio.save_pipeline_with(model_ref.path, out, "unet", student.to("cpu").eval())
         _write_scheduler(_student_scheduler(pipe, config, prediction), out)
         (out / "steps_report.json").write_text(json.dumps(report, indent=2))
     processes.wait_for_everyone()

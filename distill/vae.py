@@ -116,8 +116,7 @@ def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=pri
               "wall_time_s": round(time.perf_counter() - began, 1), "held_out_images": len(held_out),
               **fidelity(teacher, student, held_out)}
     if processes.is_main_process:
-        modelio.copy_pipeline_except(ref.path, out, "vae")
-        student.save_pretrained(out / "vae", safe_serialization=True)
+        modelio.save_pipeline_with(ref.path, out, "vae", student)
         for label, model in (("before", ref), ("after", modelio.open_model(out))):
             for census in census_model(model):
                 if census.component.startswith("vae_"):

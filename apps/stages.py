@@ -1,6 +1,6 @@
 """The stage table: every recipe stage is one typed function with one pydantic config.
 
-Stages that later work adds (quantize, profile, report) register here
+Stages that later work adds (profile, report) register here
 the same way; the runner and the recipe parser read only this table.
 """
 
@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..compress.quantize import QuantizeConfig
 from ..distill.kd import KDConfig
 from ..distill.steps import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
@@ -120,13 +121,21 @@ def run_slim_vae(config: SlimVAEConfig, ctx: StageContext) -> StageResult:
     return StageResult({k: report[k] for k in keys}, produced_model=True)
 
 
+def run_quantize(config: QuantizeConfig, ctx: StageContext) -> StageResult:
+    from ..compress.quantize import quantize
+
+    report = quantize(ctx.model, config, ctx.out, log=ctx.console.print)
+    return StageResult({"unet_relative_error": report["unet_relative_error"], "wall_time_s": report["wall_time_s"],
+                        **{f"quantized_{k}": v for k, v in report["quantized_layers"].items()}}, produced_model=True)
+
+
 def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
     import time
 
     from . import modelio
     from .generate import generate_images, labelled_grid, save_images
 
-    pipe = modelio.load_pipeline(ctx.model)
+    pipe = modelio.load_pipeline(ctx.model, quantized=True)
     began = time.perf_counter()
     images = generate_images(pipe, config.prompts, config.steps, config.guidance, ctx.seed)
     seconds = time.perf_counter() - began
@@ -165,7 +174,7 @@ def run_evaluate(config: EvaluateConfig, ctx: StageContext) -> StageResult:
     from . import modelio
     from .evaluate import load_judge
 
-    results = evaluate_model(modelio.load_pipeline(ctx.model), load_judge(config.judge), config, ctx.seed,
+    results = evaluate_model(modelio.load_pipeline(ctx.model, quantized=True), load_judge(config.judge), config, ctx.seed,
                              log=ctx.console.print)
     ctx.out.mkdir(parents=True, exist_ok=True)
     (ctx.out / "scores.json").write_text(json.dumps(results, indent=2))
@@ -198,6 +207,7 @@ STAGES: dict[str, Stage] = {
     "kd": Stage(KDStageConfig, run_kd),
     "slim_vae": Stage(SlimVAEConfig, run_slim_vae),
     "step_distill": Stage(StepDistillConfig, run_step_distill),
+    "quantize": Stage(QuantizeConfig, run_quantize),
     "generate": Stage(GenerateConfig, run_generate),
     "evaluate": Stage(EvaluateConfig, run_evaluate),
     "export": Stage(ExportConfig, run_export),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,6 @@ SD15_UNET = {
 }
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
 def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict:
     """One export in this process; then the exported UNet's and torch eager's latency on the same inputs."""
     import warnings
@@ -50,6 +39,7 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
     import torch
 
     from pocketdiff.apps import modelio
+    from pocketdiff.devices.timing import median_seconds
     from pocketdiff.export.components import model_components
     from pocketdiff.export.exporter import ExportConfig, export_model
     from pocketdiff.export.runtime import load_model

@@ -12,14 +12,22 @@ import torch
 
 
 def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
-    """(sample, 0-d float timestep, encoder_hidden_states) per UNet call, sampling each prompt with seed = its index."""
+    """(sample, 0-d float timestep, encoder_hidden_states, *extra) per UNet call, each prompt sampled with seed = its index.
+
+    `extra` are the conditions the call had beyond those three, in the exported UNet's input order
+    (`export.components.unet_component`): SDXL's text_embeds and time_ids, a guidance student's
+    timestep_cond. Calls are as the pipeline made them (a guidance pair, or one sample a prompt)."""
     recorded = []
 
     def hook(_module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        added = kwargs.get("added_cond_kwargs") or {}
+        extra = [added[k] for k in ("text_embeds", "time_ids") if k in added]
+        if kwargs.get("timestep_cond") is not None:
+            extra.append(kwargs["timestep_cond"])
         recorded.append((sample.clone(), torch.as_tensor(timestep, dtype=torch.float32).reshape(()),
-                         kwargs["encoder_hidden_states"].clone()))
+                         kwargs["encoder_hidden_states"].clone(), *(e.clone() for e in extra)))
 
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -33,10 +41,13 @@ def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) ->
 
 
 def batched(recorded: list[tuple], size: int) -> list[dict]:
-    """Recorded calls regrouped into UNet keyword batches of up to `size` calls, one timestep per sample."""
+    """Recorded calls regrouped into UNet keyword batches of up to `size` calls, one timestep per sample.
+
+    Only sample, timestep and text: what pruning scores a UNet on (a guidance student is scored
+    without its guidance input, as at guidance 1)."""
     batches = []
     for start in range(0, len(recorded), size):
-        group = recorded[start:start + size]
+        group = [call[:3] for call in recorded[start:start + size]]
         batches.append({
             "sample": torch.cat([s for s, _, _ in group]),
             "timestep": torch.cat([t.expand(s.shape[0]) for s, t, _ in group]),

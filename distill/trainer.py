@@ -157,7 +157,7 @@ class Trainer:
             return
         tmp = self.out / "checkpoint.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / "model.safetensors")
+        save_file(unshared(self.model.state_dict()), tmp / "model.safetensors")
         if self.ema is not None:
             save_file(self.ema, tmp / "ema.safetensors")
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step, "identity": self.identity},
@@ -253,6 +253,18 @@ class Trainer:
         if board is not None:
             board.close()
         return self
+
+
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict safetensors can write: a tensor that several keys share (one observer feeding
+    several quantized layers) is copied for each key after the first."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        pointer = (value.untyped_storage().data_ptr(), value.storage_offset()) if value.numel() else None
+        out[key] = value.clone().contiguous() if pointer in seen else value.contiguous()
+        if pointer is not None:
+            seen.add(pointer)
+    return out
 
 
 def _batch_size(batch: dict) -> int:

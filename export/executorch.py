@@ -57,31 +57,30 @@ def _first_line(err: Exception) -> str:
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 
-def quantize_int8(component: Component, calibration: list[tuple]) -> torch.nn.Module:
-    """PT2E static int8 of the linear layers (per-channel weights, per-tensor activations), XNNPACK's quantizer.
+def quantize_int8(component: Component, calibration: list[tuple],
+                  quantization: tuple[dict, dict] | None = None) -> torch.nn.Module:
+    """The UNet's int8 graph: the one `pocketdiff quantize` saved with the model, else post-training int8.
 
-    Linear layers are the attention and feed-forward projections. Post-training int8 reaches no
-    further on small UNets: simulated along the default's own sampling (4 prompts, 4 steps,
-    guidance 7.5), linears alone keep the image at 32.4 dB PSNR and adding the convolutions drops
-    it to 21.0 dB, even with conv_in and conv_out kept fp32; the quantizer's global setting (also
-    the attention matmuls and residual adds) failed the export's image check at 12.6 dB.
-    Convolutions wait for QAT.
+    Post-training int8 here is static int8 of the linear layers alone (per-channel weights,
+    per-tensor activations), XNNPACK's quantizer, calibrated on `calibration`: a few prompts'
+    trajectories. Along the default's own sampling (4 prompts, 4 steps, guidance 7.5) linears
+    alone kept the image at 32.4 dB PSNR and adding the convolutions dropped it to 21.0 dB; the
+    convolutions go int8 through `pocketdiff quantize`, calibrated on hundreds of trajectories
+    with the time embedding kept fp32, which keeps the judge's scores.
     """
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-        XNNPACKQuantizer,
-        get_symmetric_quantization_config,
-    )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from ..compress import xnnpack_int8
+    from ..compress.quantize import build_int8
 
-    graph = torch.export.export(component.module, tuple(component.inputs.values())).module()
-    quantizer = XNNPACKQuantizer().set_operator_type(torch.ops.aten.linear.default,
-                                                     get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(graph, quantizer)
     examples = tuple(component.inputs.values())
+    if quantization is not None:
+        if quantization[0]["backend"] != "xnnpack":
+            raise UserError(f"this UNet was quantized for {quantization[0]['backend']}, not for ExecuTorch's xnnpack")
+        return build_int8(component.module.unet, examples, *quantization)  # a 0-d timestep: the export's contract
+    prepared = xnnpack_int8.prepare(component.module, examples, "linear", [], qat=False)
     with torch.no_grad():
         for args in calibration or [examples]:
             prepared(*(_fit_batch(a, e) for a, e in zip(args, examples)))
-    return convert_pt2e(prepared)
+    return xnnpack_int8.convert(prepared)
 
 
 def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
@@ -92,14 +91,15 @@ def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
 
 
 def export_component(component: Component, folder: Path, precision: str, backends: tuple[str, ...] = ("xnnpack",),
-                     calibration: list[tuple] | None = None, **_) -> Path:
+                     calibration: list[tuple] | None = None, quantization: tuple[dict, dict] | None = None,
+                     **_) -> Path:
     """Write `<folder>/model.pte` and `io.json` for one component; return the program's path."""
     from executorch.exir import to_edge_transform_and_lower
 
     check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
     args = tuple(component.inputs.values())
-    module = quantize_int8(component, calibration) if precision == "int8" else component.module
+    module = quantize_int8(component, calibration, quantization) if precision == "int8" else component.module
     try:
         exported = torch.export.export(module, args)
         program = to_edge_transform_and_lower(exported, partitioner=[partitioner(b) for b in backends])

@@ -84,6 +84,14 @@ def torch_images(pipe, prompts: list[str], steps: int, guidance: float, latents:
     return (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _int8_origin(quantization: tuple[dict, dict] | None) -> str:
+    """Where the int8 UNet came from, for the report: the model's own quantization or the export's fallback."""
+    if quantization is None:
+        return "post-training at export: xnnpack int8, linear"
+    spec = quantization[0]
+    return f"saved: {spec['backend']} int8, {'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}"
+
+
 def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path, seed: int = 0,
                   log=print) -> dict:
     """Export every asked component to one format under `out`; return (and write) its parity report."""
@@ -100,13 +108,19 @@ def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
         # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
         own_precision = "fp32" if precision == "int8" and component.name != "unet" else precision
         extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
-        if own_precision == "int8" and pipe is not None:
+        if own_precision == "int8":
+            from ..compress.quantize import read_quantization
+
+            extra["quantization"] = read_quantization(ref)
+        if own_precision == "int8" and pipe is not None and extra["quantization"] is None:
             from ..compress.calibration import record_unet_inputs
 
             extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
         path = module.export_component(component, out / component.name, own_precision, **extra)
         entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
                  "export_seconds": round(time.perf_counter() - began, 2)}
+        if own_precision == "int8":
+            entry["quantization"] = _int8_origin(extra["quantization"])
         runner = module.load(path)
         if runner is None:
             entry.update(module.structural_check(path, component))

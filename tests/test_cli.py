@@ -11,7 +11,7 @@ from pocketdiff.apps.cli import _NOT_BUILT, app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "inspect", "generate", "evaluate", "export", "zoo", "zoo train-default", "zoo train-judge", "distill",
-            "distill kd", "distill vae", *_NOT_BUILT]
+            "distill kd", "distill vae", "distill steps", "quantize", *_NOT_BUILT]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -22,9 +22,18 @@ def test_every_command_has_help(command):
 
 
 def test_unbuilt_stage_says_so_and_exits_2():
-    result = subprocess.run(["pocketdiff", "quantize", "default", "--backend", "xnnpack"], capture_output=True, text=True)
+    result = subprocess.run(["pocketdiff", "profile", "export/onnx", "--backend", "onnxruntime"],
+                            capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: 'quantize' is not built yet (issue #8); nothing was run"
+    assert result.stderr.strip() == "error: 'profile' is not built yet (issue #9); nothing was run"
+
+
+def test_unbuilt_quantization_backend_says_so_and_exits_2(tmp_path):
+    result = subprocess.run(["pocketdiff", "quantize", "default", "--out", str(tmp_path / "q"), "--backend", "coreml-w8a8"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: quantization backend 'coreml-w8a8' is not built yet (built: xnnpack)"
+    assert not (tmp_path / "q").exists()
 
 
 def test_bad_recipe_exits_2_with_line(tmp_path):

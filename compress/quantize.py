@@ -1,0 +1,263 @@
+"""`quantize(model, config)`: int8 for an export target, post-training or trained (QAT) against the fp32 model.
+
+One verb, the backend named in the config. Calibration and training data are the model's own
+sampling trajectories (every timestep the sampler visits, with the text and guidance inputs it
+feeds), recorded once; the fp32 UNet's outputs on them are the targets, so QAT is output
+distillation from the full-precision model (Intel's QAT + distillation recipe for SD on CPUs).
+
+What a quantized folder holds: a stock diffusers pipeline whose UNet weights are the (QAT-trained)
+float weights, which stock diffusers loads and runs in fp32, plus `unet/quantization.json` (the
+backend and its settings: data) and `unet/quantization.safetensors` (every observer's state: the
+ranges and scales). `load_quantized_unet` rebuilds the int8 graph from those for any input shape;
+the ExecuTorch export lowers that graph, so what was trained is what ships.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from ..apps import modelio
+from ..apps.errors import UserError
+from ..apps.runner import hash_model_folder
+from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
+from . import sensitivity, xnnpack_int8
+from .calibration import record_unet_inputs
+
+SPEC_FILE = "quantization.json"
+STATE_FILE = "quantization.safetensors"
+Backend = Literal["xnnpack", "onnx-int8", "coreml-w8a8", "coreml-palette4", "brevitas-w4a8"]
+BUILT = {"xnnpack": xnnpack_int8}
+ROOT = "unet"  # the float UNet's attribute in the traced wrapper: its parameters are `unet.<name>` in the graph
+
+
+class QuantizeConfig(RunSettings):
+    """What to quantize, with which backend, calibrated on what, trained how long."""
+
+    backend: Backend = "xnnpack"
+    layers: Literal["linear", "conv+linear"] = "conv+linear"
+    keep: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding"])  # stay fp32
+    keep_sensitive: int = Field(0, ge=0)  # also keep fp32 the layers int8 hurts most, measured one by one
+    qat_steps: int = Field(0, ge=0)  # 0: post-training quantization only
+    batch: int = Field(8, ge=1)
+    lr: float = Field(1e-5, gt=0)
+    prompts: int = Field(64, ge=1)  # training captions whose trajectories calibrate (and train)
+    check_prompts: int = Field(8, ge=1)  # validation captions whose trajectories measure the error
+    sampling_steps: int = Field(4, ge=1)
+    guidance: float = Field(7.5, ge=0)
+
+
+def _backend(name: str):
+    if name not in BUILT:
+        raise UserError(f"quantization backend '{name}' is not built yet (built: {', '.join(BUILT)})")
+    return BUILT[name]
+
+
+def graph_inputs(sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None) -> tuple:
+    """The traced graph's positional inputs: one timestep per sample, then the extra conditions in export order."""
+    timestep = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
+    extra = [added_cond_kwargs[k] for k in ("text_embeds", "time_ids") if added_cond_kwargs and k in added_cond_kwargs]
+    if timestep_cond is not None:
+        extra.append(timestep_cond)
+    return (sample, timestep.expand(sample.shape[0]), encoder_hidden_states, *extra)
+
+
+def _extra_names(unet) -> tuple[str, ...]:
+    names = ("text_embeds", "time_ids") if unet.config.get("addition_embed_type") == "text_time" else ()
+    return names + (("timestep_cond",) if unet.config.get("time_cond_proj_dim") else ())
+
+
+def traced(unet) -> torch.nn.Module:
+    from ..export.components import UNet
+
+    return UNet(unet, _extra_names(unet)).eval()
+
+
+def per_sample(recorded: list[tuple]) -> dict[str, torch.Tensor]:
+    """Recorded UNet calls as one tensor per input, a row per sample (a guidance pair gives two rows)."""
+    columns = list(zip(*recorded))
+    sizes = [s.shape[0] for s in columns[0]]
+    out = {"sample": torch.cat(columns[0]),
+           "timestep": torch.cat([t.expand(n) for t, n in zip(columns[1], sizes)]),
+           "encoder_hidden_states": torch.cat(columns[2])}
+    out.update({f"extra{i}": torch.cat(column) for i, column in enumerate(columns[3:])})
+    return out
+
+
+def _args(rows: dict[str, torch.Tensor]) -> tuple:
+    extra = [rows[k] for k in sorted(k for k in rows if k.startswith("extra"))]
+    return (rows["sample"], rows["timestep"], rows["encoder_hidden_states"], *extra)
+
+
+def _chunks(rows: dict[str, torch.Tensor], size: int):
+    n = rows["sample"].shape[0]
+    for start in range(0, n - size + 1, size):  # whole batches only: the graph's shapes are fixed
+        yield {k: v[start:start + size] for k, v in rows.items()}
+
+
+@torch.no_grad()
+def _outputs(module, rows: dict[str, torch.Tensor], size: int) -> torch.Tensor:
+    return torch.cat([module(*_args(chunk)) for chunk in _chunks(rows, size)])
+
+
+def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((output - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
+
+
+def _captions(split: str, count: int, seed: int) -> list[str]:
+    from ..distill import data
+
+    captions = data.load_emoji(32, split).captions
+    return [captions[i] for i in np.random.default_rng([seed, count]).choice(len(captions), count, replace=False)]
+
+
+class QATLoss:
+    """Output distillation: the fake-quantized graph's prediction against the fp32 UNet's, mean square."""
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __call__(self, batch: dict, _generator) -> dict[str, torch.Tensor]:
+        pred = self.graph(*_args({k: v for k, v in batch.items() if k != "target"}))
+        return {"loss": (pred.float() - batch["target"]).pow(2).mean()}
+
+
+def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
+    return {"backend": config.backend, "layers": config.layers, "keep": keep, "qat": config.qat_steps > 0,
+            "scheme": "int8: per-channel symmetric weights, per-tensor affine activations"}
+
+
+def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print) -> dict:
+    """Quantize `ref`'s UNet for `config.backend`; write the quantized pipeline and `quantize_report.json` to `out`."""
+    backend = _backend(config.backend)
+    if ref.kind != "pipeline" or ref.random_weights:
+        raise UserError(f"{ref.path}: quantization needs a pipeline folder with weights (its trajectories calibrate)")
+    out, began = Path(out), time.perf_counter()
+    pipe = modelio.load_pipeline(ref)
+    unet = pipe.unet.requires_grad_(False)
+    log(f"recording {config.prompts} + {config.check_prompts} trajectories of {config.sampling_steps} steps")
+    rows = per_sample(record_unet_inputs(pipe, _captions("train", config.prompts, config.seed),
+                                         config.sampling_steps, config.guidance))
+    check = per_sample(record_unet_inputs(pipe, _captions("validation", config.check_prompts, config.seed),
+                                          config.sampling_steps, config.guidance))
+    size = min(config.batch, rows["sample"].shape[0], check["sample"].shape[0])
+    rows["target"] = _outputs(traced(unet), rows, size)
+    rows = {k: v[:rows["target"].shape[0]] for k, v in rows.items()}
+    expected = _outputs(traced(unet), check, size)
+
+    errors = sensitivity.layer_errors(traced(unet), [_args(c) for c in itertools.islice(_chunks(rows, size), 8)],
+                                      config.layers, config.keep)
+    sensitive = sensitivity.most_sensitive(errors, config.keep_sensitive)
+    if sensitive:
+        log(f"kept fp32 as the most sensitive: {', '.join(sensitive)}")
+    spec = _spec(config, config.keep + sensitive)
+    student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
+    graph = backend.prepare(student, _args(next(_chunks(rows, size))), config.layers, spec["keep"], spec["qat"])
+    counts = backend.quantized_layers(graph)
+    if not sum(counts.values()):
+        raise UserError(f"{ref.path}: no {config.layers} layer is left to quantize outside {spec['keep']}")
+    _outputs(graph, rows, size)  # calibration: every observer sees every recorded timestep
+    if spec["qat"]:
+        pick = epoch_batches(rows["sample"].shape[0], size, config.seed)
+        identity = {"model": hash_model_folder(ref.path), "config": config.model_dump()}
+        trainer = Trainer(graph, QATLoss(graph), lambda step: {k: v[pick(step)] for k, v in rows.items()},
+                          config.train_config(config.qat_steps, config.lr), out, "qat", identity)
+        trainer.run()
+    backend.freeze(graph)
+    state = graph.state_dict()
+    unet.load_state_dict({k[len(ROOT) + 1:]: v for k, v in state.items() if k.startswith(ROOT + ".")})
+    modelio.save_pipeline_with(ref.path, out, "unet", unet)
+    save_file(unshared({k: v for k, v in state.items() if not k.startswith(ROOT + ".")}), out / "unet" / STATE_FILE)
+    (out / "unet" / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+
+    int8 = load_quantized_unet(modelio.open_model(out))
+    measured = _outputs(lambda *args: int8.graph_for(args)(*args), check, size)
+    report = {"model": str(ref.path.resolve()), "config": config.model_dump(), "spec": spec,
+              "quantized_layers": counts, "calibration_samples": int(rows["sample"].shape[0]),
+              "most_sensitive_layers": {name: errors[name] for name in sensitivity.most_sensitive(errors, 10)},
+              "check_samples": int(expected.shape[0]),
+              "unet_relative_error": _relative_error(measured, expected),
+              "wall_time_s": round(time.perf_counter() - began, 1)}
+    if spec["qat"]:
+        report["final"] = last_logged(out / "log.csv")
+    (out / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    log(f"{config.backend} int8 ({'QAT' if spec['qat'] else 'PTQ'}): {counts['linear']} linear + {counts['conv']} conv "
+        f"layers, UNet relative error {report['unet_relative_error']:.4f} on held-out trajectories")
+    return report
+
+
+def read_quantization(ref: modelio.ModelRef) -> tuple[dict, dict] | None:
+    """(spec, observer state) of a quantized folder, or None for a float one."""
+    folder = ref.unet_path
+    if not (folder / SPEC_FILE).exists():
+        return None
+    if not (folder / STATE_FILE).exists():
+        raise UserError(f"{folder}: {SPEC_FILE} without {STATE_FILE}; quantize the model again")
+    return json.loads((folder / SPEC_FILE).read_text()), load_file(folder / STATE_FILE)
+
+
+class QuantizedUNet(torch.nn.Module):
+    """A UNet that diffusers pipelines call like their own, running the int8 graph (torch's reference int8 ops).
+
+    The graph has fixed shapes, as ExecuTorch programs do; one is built per input shape met, from
+    the float weights and the saved observer state.
+    """
+
+    def __init__(self, unet, spec: dict, state: dict):
+        super().__init__()
+        self.unet, self.spec, self.state = unet.eval(), spec, state
+        self._graphs: dict[tuple, torch.nn.Module] = {}
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def graph_for(self, args: tuple) -> torch.nn.Module:
+        key = tuple(tuple(a.shape) for a in args)
+        if key not in self._graphs:
+            self._graphs[key] = build_int8(self.unet, args, self.spec, self.state)
+        return self._graphs[key]
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
+                return_dict: bool = True, **_):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        args = graph_inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
+        with torch.no_grad():
+            out = self.graph_for(args)(*args)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
+    """The converted int8 graph of `unet` at `args`' shapes, its observers restored from `state`."""
+    backend = _backend(spec["backend"])
+    graph = backend.prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"])
+    expected = {k for k in graph.state_dict() if not k.startswith(ROOT + ".")}
+    if expected != set(state):
+        raise UserError(f"the saved quantization state does not fit this UNet's graph "
+                        f"({len(expected ^ set(state))} entries differ); quantize the model again")
+    graph.load_state_dict(state, strict=False)
+    backend.freeze(graph)
+    return backend.convert(graph)
+
+
+def load_quantized_unet(ref: modelio.ModelRef) -> QuantizedUNet | None:
+    found = read_quantization(ref)
+    return None if found is None else QuantizedUNet(modelio.load_unet(ref), *found)

@@ -1,0 +1,169 @@
+"""Quantization: int8 for ExecuTorch's XNNPACK, post-training and trained against the fp32 UNet, saved and reloaded."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline
+from typer.testing import CliRunner
+
+from pocketdiff.apps import modelio
+from pocketdiff.apps.cli import app
+from pocketdiff.apps.errors import UserError
+from pocketdiff.compress.quantize import QuantizedUNet, QuantizeConfig, load_quantized_unet, quantize
+from pocketdiff.export.components import unet_component
+
+SMALL = dict(prompts=4, check_prompts=2, sampling_steps=2, batch=4)
+
+
+@pytest.fixture(scope="module")
+def ptq(tiny_pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantize") / "ptq"
+    return out, quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL), out, log=lambda _: None)
+
+
+def _layers_outside(unet, kind, keep):
+    return sum(1 for name, m in unet.named_modules()
+               if isinstance(m, kind) and not any(name == k or name.startswith(k + ".") for k in keep))
+
+
+def _int8_and_float(folder):
+    ref = modelio.open_model(folder)
+    int8 = load_quantized_unet(ref)
+    inputs = unet_component(int8.unet, 8).inputs
+    with torch.no_grad():
+        return int8(*inputs.values()).sample, int8.unet(*inputs.values()).sample, int8, inputs
+
+
+def test_ptq_quantizes_every_conv_and_linear_outside_the_kept_modules(ptq, tiny_pipeline):
+    _, report = ptq
+    unet = modelio.load_unet(modelio.open_model(tiny_pipeline))
+    keep = report["config"]["keep"]
+    assert keep == ["conv_in", "conv_out", "time_embedding"]
+    assert report["quantized_layers"] == {"linear": _layers_outside(unet, torch.nn.Linear, keep),
+                                          "conv": _layers_outside(unet, torch.nn.Conv2d, keep)}
+    assert 0.001 < report["unet_relative_error"] < 0.3
+
+
+def test_quantized_folder_loads_in_stock_diffusers_and_runs_as_int8(ptq, tiny_pipeline):
+    folder, _ = ptq
+    stock = StableDiffusionPipeline.from_pretrained(folder)
+    original = modelio.load_unet(modelio.open_model(tiny_pipeline))
+    for (name, a), b in zip(stock.unet.state_dict().items(), original.state_dict().values()):
+        assert torch.equal(a, b), name  # post-training: the float weights are untouched
+    int8_out, float_out, int8, _ = _int8_and_float(folder)
+    error = float((int8_out - float_out).norm() / float_out.norm())
+    assert 1e-3 < error < 0.3  # quantized for real, and still the same model
+    again, *_ = _int8_and_float(folder)
+    assert torch.equal(int8_out, again)  # the saved state rebuilds the same int8 graph every time
+    pipe = modelio.load_pipeline(modelio.open_model(folder), quantized=True)
+    assert isinstance(pipe.unet, QuantizedUNet)
+    assert pipe(["red apple"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_the_saved_observer_state_is_what_runs(ptq, tmp_path):
+    folder = tmp_path / "edited"
+    shutil.copytree(ptq[0], folder)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "unet" / "quantization.safetensors")
+    before, *_ = _int8_and_float(folder)
+    save_file({k: v * 4 if k.endswith(".max_val") else v for k, v in state.items()},
+              folder / "unet" / "quantization.safetensors")
+    after, *_ = _int8_and_float(folder)
+    assert not torch.allclose(before, after)
+    spec = json.loads((folder / "unet" / "quantization.json").read_text())
+    (folder / "unet" / "quantization.json").write_text(json.dumps({**spec, "layers": "linear"}))
+    with pytest.raises(UserError, match="does not fit this UNet's graph"):
+        _int8_and_float(folder)
+
+
+def test_qat_trains_against_the_fp32_unet(tiny_pipeline, tmp_path):
+    config = QuantizeConfig(**SMALL, qat_steps=24, lr=3e-4, log_every=1)
+    report = quantize(modelio.open_model(tiny_pipeline), config, tmp_path / "qat", log=lambda _: None)
+    losses = [float(line.split(",")[3]) for line in (tmp_path / "qat" / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    assert report["spec"]["qat"] and report["final"]["step"] == 24
+    trained = StableDiffusionPipeline.from_pretrained(tmp_path / "qat").unet
+    original = modelio.load_unet(modelio.open_model(tiny_pipeline))
+    assert not torch.equal(trained.conv_in.weight, original.conv_in.weight)  # the float weights saved are QAT's
+    with pytest.raises(UserError, match="other inputs or settings"):
+        quantize(modelio.open_model(tiny_pipeline), config.model_copy(update={"lr": 1e-4}), tmp_path / "qat",
+                 log=lambda _: None)
+
+
+def test_a_guidance_student_is_quantized_with_its_guidance_input(tiny_pipeline, tmp_path):
+    from pocketdiff.distill.steps import with_guidance_input
+
+    folder = tmp_path / "student"
+    shutil.copytree(tiny_pipeline, folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    with_guidance_input(pipe.unet).save_pretrained(folder / "unet")
+    LCMScheduler.from_config(pipe.scheduler.config).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "LCMScheduler"]}))
+    quantize(modelio.open_model(folder), QuantizeConfig(**SMALL), tmp_path / "q", log=lambda _: None)
+    int8 = modelio.load_pipeline(modelio.open_model(tmp_path / "q"), quantized=True)
+    image = int8(["rocket"], num_inference_steps=1, guidance_scale=7.5, output_type="np").images
+    assert image.shape == (1, 32, 32, 3)
+    (shapes,) = int8.unet._graphs  # one call at batch 1, no guidance pair; the guidance embedding is an input
+    assert len(shapes) == 4 and shapes[0][0] == 1 and shapes[3] == (1, 256)
+
+
+def test_the_most_sensitive_layers_stay_fp32(ptq, tiny_pipeline, tmp_path):
+    ranked = list(ptq[1]["most_sensitive_layers"])
+    assert len(ranked) == 10 and all(not name.startswith(("conv_in", "conv_out", "time_embedding")) for name in ranked)
+    errors = list(ptq[1]["most_sensitive_layers"].values())
+    assert errors == sorted(errors, reverse=True) and errors[0] > 0
+    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, keep_sensitive=2), tmp_path / "mixed",
+                      log=lambda _: None)
+    assert report["spec"]["keep"] == ptq[1]["spec"]["keep"] + ranked[:2]
+    assert sum(report["quantized_layers"].values()) == sum(ptq[1]["quantized_layers"].values()) - 2
+    assert report["unet_relative_error"] < ptq[1]["unet_relative_error"]
+
+
+def test_cli_quantizes_and_refuses_what_is_not_built(tiny_pipeline, tmp_path):
+    result = CliRunner().invoke(app, ["quantize", str(tiny_pipeline), "--out", str(tmp_path / "q"), "--prompts", "2",
+                                      "--sampling-steps", "1", "--batch", "2", "--layers", "linear"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "q" / "quantize_report.json").read_text())
+    assert report["quantized_layers"]["conv"] == 0 and report["quantized_layers"]["linear"] > 0
+    result = CliRunner().invoke(app, ["quantize", str(tiny_pipeline), "--out", str(tmp_path / "r"),
+                                      "--keep", "conv_in,conv_out,time_embedding,down_blocks,mid_block,up_blocks",
+                                      "--prompts", "2", "--sampling-steps", "1", "--batch", "2"])
+    assert isinstance(result.exception, UserError)  # main() turns it into one line and exit status 2
+    assert "no conv+linear layer is left to quantize" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_executorch_int8_export_ships_the_quantized_graph(ptq, tiny_pipeline, tmp_path):
+    from pocketdiff.export.exporter import ExportConfig, export_model
+    from pocketdiff.export.parity import ParityThresholds
+
+    # random weights with every conv int8 lose more than a trained model does (the default keeps its judge scores)
+    config = ExportConfig(to=["executorch"], precision="int8", components=["text_encoder", "unet", "vae_decoder"],
+                          steps=2, thresholds=ParityThresholds(psnr_int8=20))
+    report = export_model(modelio.open_model(ptq[0]), config, tmp_path, log=lambda _: None)["executorch"]
+    unet = report["components"]["unet"]
+    assert report["ok"] and report["image_psnr"] >= 20 and unet["precision"] == "int8"
+    assert unet["quantization"] == "saved: xnnpack int8, post-training, conv+linear"
+    params = sum(p.numel() for p in modelio.load_unet(modelio.open_model(tiny_pipeline)).parameters())
+    assert unet["bytes"] < 0.45 * 4 * params  # the convolutions went int8 too: the export's own int8 leaves them fp32
+
+
+def test_recipe_stage_hands_the_int8_model_to_the_next_stage(tiny_pipeline, tmp_path):
+    from rich.console import Console
+
+    from pocketdiff.apps.recipe import parse_recipe
+    from pocketdiff.apps.runner import read_manifest, run_recipe
+
+    recipe = (f"name: int8\nmodel: {tiny_pipeline}\nstages:\n"
+              "  - quantize: {prompts: 2, check_prompts: 1, sampling_steps: 2, batch: 2}\n"
+              "  - generate: {prompts: [rocket], steps: 2, guidance: 7.5}\n")
+    run_dir = run_recipe(parse_recipe(recipe, "int8.yaml"), tmp_path, Console(record=True, width=200))
+    metrics = read_manifest(run_dir / "01-quantize")["metrics"]
+    assert metrics["quantized_conv"] > 0 and metrics["quantized_linear"] > 0 and metrics["unet_relative_error"] > 0
+    assert (run_dir / "01-quantize" / "unet" / "quantization.json").exists()
+    assert read_manifest(run_dir / "02-generate")["status"] == "done"

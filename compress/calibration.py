@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 
+def extra_conditions(timestep_cond=None, added_cond_kwargs=None) -> list[torch.Tensor]:
+    """A UNet call's conditions beyond sample, timestep and text, in the exported UNet's input order."""
+    added = added_cond_kwargs or {}
+    extra = [added[k] for k in ("text_embeds", "time_ids") if k in added]
+    return extra + ([timestep_cond] if timestep_cond is not None else [])
+
+
 def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) -> list[tuple]:
     """(sample, 0-d float timestep, encoder_hidden_states, *extra) per UNet call, each prompt sampled with seed = its index.
 
@@ -22,10 +29,7 @@ def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) ->
     def hook(_module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        added = kwargs.get("added_cond_kwargs") or {}
-        extra = [added[k] for k in ("text_embeds", "time_ids") if k in added]
-        if kwargs.get("timestep_cond") is not None:
-            extra.append(kwargs["timestep_cond"])
+        extra = extra_conditions(kwargs.get("timestep_cond"), kwargs.get("added_cond_kwargs"))
         recorded.append((sample.clone(), torch.as_tensor(timestep, dtype=torch.float32).reshape(()),
                          kwargs["encoder_hidden_states"].clone(), *(e.clone() for e in extra)))
 

@@ -31,7 +31,7 @@ from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
 from . import sensitivity, xnnpack_int8
-from .calibration import record_unet_inputs
+from .calibration import extra_conditions, record_unet_inputs
 
 SPEC_FILE = "quantization.json"
 STATE_FILE = "quantization.safetensors"
@@ -65,10 +65,8 @@ def _backend(name: str):
 def graph_inputs(sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None) -> tuple:
     """The traced graph's positional inputs: one timestep per sample, then the extra conditions in export order."""
     timestep = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1)
-    extra = [added_cond_kwargs[k] for k in ("text_embeds", "time_ids") if added_cond_kwargs and k in added_cond_kwargs]
-    if timestep_cond is not None:
-        extra.append(timestep_cond)
-    return (sample, timestep.expand(sample.shape[0]), encoder_hidden_states, *extra)
+    return (sample, timestep.expand(sample.shape[0]), encoder_hidden_states,
+            *extra_conditions(timestep_cond, added_cond_kwargs))
 
 
 def _extra_names(unet) -> tuple[str, ...]:
@@ -150,11 +148,12 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     check = per_sample(record_unet_inputs(pipe, _captions("validation", config.check_prompts, config.seed),
                                           config.sampling_steps, config.guidance))
     size = min(config.batch, rows["sample"].shape[0], check["sample"].shape[0])
-    rows["target"] = _outputs(traced(unet), rows, size)
+    reference = traced(unet)
+    rows["target"] = _outputs(reference, rows, size)
     rows = {k: v[:rows["target"].shape[0]] for k, v in rows.items()}
-    expected = _outputs(traced(unet), check, size)
+    expected = _outputs(reference, check, size)
 
-    errors = sensitivity.layer_errors(traced(unet), [_args(c) for c in itertools.islice(_chunks(rows, size), 8)],
+    errors = sensitivity.layer_errors(reference, [_args(c) for c in itertools.islice(_chunks(rows, size), 8)],
                                       config.layers, config.keep)
     sensitive = sensitivity.most_sensitive(errors, config.keep_sensitive)
     if sensitive:

@@ -23,6 +23,9 @@ app = typer.Typer(help="Compress text-to-image diffusion models and ship them to
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 zoo_app = typer.Typer(help="Train pocketdiff's embedded default model and its judge.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+devices_app = typer.Typer(help="Device profiles: list them, calibrate phone profiles on their published anchors.",
+                           no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
 distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE, few-step students.",
                           no_args_is_help=True)
 app.add_typer(distill_app, name="distill")
@@ -85,7 +88,10 @@ def prune(model: ModelArg,
           out: Annotated[Path, typer.Option(help="Folder for the pruned model (diffusers format).")],
           preset: Annotated[Optional[str], typer.Option(help="BK-SDM preset: bk-base, bk-small or bk-tiny.")] = None,
           target: Annotated[Optional[str], typer.Option(
-              help="One-shot pruning to a target: params=R or macs=R keeps at most R of the teacher's.")] = None,
+              help="One-shot pruning to a target: params=R, macs=R or latency=R keeps at most R of the teacher's.")] = None,
+          device: Annotated[str, typer.Option(help="With latency=R: the device profile the latency is judged on.")] = "host-cpu",
+          latency_table: Annotated[Optional[Path], typer.Option(
+              help="With latency=R: a saved lookup table (latency_table.json of an earlier run) instead of timing again.")] = None,
           criterion: Annotated[str, typer.Option(help="With --target: distortion, magnitude or random.")] = "distortion",
           prompt: Annotated[Optional[list[str]], typer.Option(
               help="Calibration prompt for the distortion criterion; repeat for several (default: 16 built in).")] = None,
@@ -100,14 +106,15 @@ def prune(model: ModelArg,
     from ..compress.prune import prune_preset, prune_to_target
 
     if (preset is None) == (target is None):
-        raise UserError("prune needs either --preset bk-base|bk-small|bk-tiny or --target params=R|macs=R")
+        raise UserError("prune needs either --preset bk-base|bk-small|bk-tiny or --target params=R|macs=R|latency=R")
     ref = _open(model, allow_pickle)
     if preset is not None:
         report = prune_preset(ref, preset, out)
         title = f"{preset}: removed {len(report['removed'])} layers"
     else:
         report = prune_to_target(ref, parse_target(target), out, criterion, prompt, steps, guidance, seed,
-                                 progress=lambda units: track(units, description="scoring units", console=console))
+                                 progress=lambda units: track(units, description="scoring units", console=console),
+                                 device=device, table_file=latency_table)
         title = f"{target} by {criterion}: removed {len(report['removed_units'])} units"
         units = Table(title="units (score: relative output error when removed alone)")
         for column in ("unit", "score", "saves", "removed"):
@@ -124,6 +131,9 @@ def prune(model: ModelArg,
         before, after = report[f"{key}_before"], report[f"{key}_after"]
         table.add_row(label, f"{before / scale:.3f}", f"{after / scale:.3f}", f"{after / max(before, 1):.3f}")
     console.print(table)
+    if "latency_ms_before" in report:
+        console.print(f"predicted latency on {report['device']}: {report['latency_ms_before']:.1f} → "
+                      f"{report['latency_ms_after']:.1f} ms (lookup table: {out / 'latency_table.json'})")
     console.print("removed: " + ", ".join(report["removed"]))
     console.print(f"pruned model: {out}  (report: {out / 'prune_report.json'})")
 
@@ -410,8 +420,135 @@ def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder g
     console.print(f"judge folder: {out}")
 
 
+@app.command("profile")
+def profile_(target: Annotated[Path, typer.Argument(help="An export folder (or one exported file); a model folder for --backend torch.")],
+             backend: Annotated[str, typer.Option(help="onnxruntime, executorch, coreml (macOS) or torch.")] = "onnxruntime",
+             device: Annotated[str, typer.Option(help="Device profile: host-cpu, host-gpu, or a phone (over adb / a Mac).")] = "host-cpu",
+             components: Annotated[str, typer.Option(help="Comma-separated: text_encoder, unet, vae_encoder, vae_decoder.")] = "unet",
+             runs: int = 20, warmup: int = 3,
+             batch: Annotated[Optional[int], typer.Option(help="Batch per call (default: what the pipeline feeds).")] = None,
+             threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the runtime's).")] = None,
+             runner: Annotated[Optional[Path], typer.Option(help="Phone: the runtime's benchmark binary to push.")] = None,
+             out: Annotated[Optional[Path], typer.Option(help="Where profile.json and profile.png go.")] = None):
+    """Time exported components on a device: median/p10/p90, peak memory, size, per-op breakdown, op coverage."""
+    from pydantic import ValidationError
+
+    from ..devices.profile import ProfileConfig, profile, write_report
+
+    try:
+        config = ProfileConfig(backend=backend, device=device, components=components.split(","), runs=runs,
+                               warmup=warmup, batch=batch, threads=threads, runner=runner)
+    except ValidationError as err:
+        raise UserError(f"profile: {_first_error(err)}") from None
+    report = profile(target, config, log=console.print)
+    _print_profile(report)
+    out = out or Path(f"profile-{backend}-{device}")
+    written = write_report(report, out)
+    console.print(f"report: {written[0]}  chart: {written[1]}")
+
+
+def _print_profile(report: dict) -> None:
+    table = Table(title=f"{report['backend']} on {report['device']} ({report['device_description']})")
+    for column in ("component", "inputs", "median ms", "p10 ms", "p90 ms", "peak memory MB", "file MB",
+                   "roofline efficiency"):
+        table.add_column(column, justify="left" if column in ("component", "inputs") else "right")
+    for m in report["measurements"]:
+        shapes = " ".join("×".join(map(str, s)) or "()" for s in m.get("inputs", {}).values())
+        roof = m.get("roofline")
+        peak = m.get("peak_memory_bytes")
+        table.add_row(m["component"], shapes, f"{m['median_ms']:.2f}", f"{m.get('p10_ms', m['median_ms']):.2f}",
+                      f"{m.get('p90_ms', m['median_ms']):.2f}", f"{peak / 1e6:.1f}" if peak is not None else "n/a",
+                      f"{m['file_bytes'] / 1e6:.1f}", f"{roof['efficiency']:.1%}" if roof else "n/a")
+    console.print(table)
+    for m in report["measurements"]:
+        ops = Table(title=f"{m['component']}: top operators (runtime profiler)")
+        for column in ("op", "calls", "ms", "share"):
+            ops.add_column(column, justify="left" if column == "op" else "right")
+        for op in m.get("ops", [])[:10]:
+            name = op["op"] if op.get("delegated", True) else f"{op['op']} (fallback)"
+            ops.add_row(name, str(op["calls"]), f"{op['ms']:.3f}", f"{op['share']:.1%}")
+        console.print(ops)
+        coverage = m.get("coverage", {})
+        if coverage.get("nodes"):
+            console.print(f"{coverage['kind']}: " + ", ".join(f"{k}: {v} calls" for k, v in coverage["nodes"].items()))
+
+
+@app.command()
+def estimate(model: ModelArg,
+             device: Annotated[str, typer.Option(help="Device profile (see `pocketdiff devices list`).")],
+             components: Annotated[str, typer.Option(help="Comma-separated components.")] = "unet",
+             unit: Annotated[Optional[str], typer.Option(help="npu, gpu or cpu (default: the profile's anchor unit).")] = None,
+             dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8 (default: the anchor's).")] = None,
+             resolution: Annotated[Optional[int], typer.Option(help="Image size in pixels (default: the model's).")] = None,
+             batch: Annotated[Optional[int], typer.Option(help="UNet batch (default: 2 guided, 1 for a guidance student).")] = None,
+             json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the estimates here.")] = None):
+    """Latency estimate on a device not at hand: a roofline per op, scaled by the device's calibrated fraction."""
+    from ..devices.profiles import load_profile
+    from ..devices.roofline import estimate_model
+
+    from . import modelio
+
+    ref = _open(model)
+    latent = None
+    if resolution:
+        factor = modelio.vae_scale_factor(ref)
+        if resolution % factor:
+            raise UserError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
+        latent = resolution // factor
+    profile = load_profile(device)
+    estimates = estimate_model(ref, profile, components.split(","), unit, dtype, latent, batch)
+    table = Table(title=f"{ref.path.name} on {profile.name} ({profile.device}){' — estimates' if profile.estimate else ''}")
+    for column in ("component", "unit/dtype", "GFLOP", "MB moved", "ideal ms", "fraction", "estimate ms", "top blocks"):
+        table.add_column(column, justify="left" if column in ("component", "top blocks", "unit/dtype") else "right")
+    for name, e in estimates.items():
+        blocks = ", ".join(f"{b} {ms:.1f}" for b, ms in sorted(e.blocks_ms.items(), key=lambda kv: -kv[1])[:3])
+        table.add_row(name, f"{e.unit}/{e.dtype}", f"{e.flops / 1e9:.2f}", f"{e.bytes / 1e6:.1f}", f"{e.ideal_ms:.2f}",
+                      f"{e.achieved_fraction:.3f}" if e.achieved_fraction else "—",
+                      f"{e.estimate_ms:.2f}" if e.estimate_ms else "—", blocks)
+    console.print(table)
+    console.print("fraction: " + next(iter(estimates.values())).calibration)
+    if json_out:
+        json_out.write_text(json.dumps({k: v.to_json() for k, v in estimates.items()}, indent=2))
+
+
+@devices_app.command("list")
+def devices_list():
+    """Every device profile, with its peaks, bandwidth and calibration."""
+    from ..devices.profiles import DeviceProfile, names, profile_path
+    import yaml
+
+    table = Table()
+    for column in ("name", "device", "peaks (TOPS)", "GB/s", "reach", "calibration"):
+        table.add_column(column)
+    for name in names():
+        p = DeviceProfile(**yaml.safe_load(profile_path(name).read_text()))
+        peaks = "; ".join(f"{u} " + ", ".join(f"{d} {v:g}" for d, v in dt.items() if v) for u, dt in p.compute.items())
+        cal = p.calibration
+        table.add_row(p.name, p.device, peaks or "measured at first use",
+                      f"{p.memory_bandwidth_gb_s:g}" if p.memory_bandwidth_gb_s else "measured",
+                      p.reach, f"{cal.model} {cal.measured_ms:g} ms → {cal.achieved_fraction}" if cal else "—")
+    console.print(table)
+
+
+@devices_app.command("calibrate")
+def devices_calibrate(write: Annotated[bool, typer.Option(help="Record the fractions in the YAML files.")] = False):
+    """Each phone profile's achieved fraction of roofline peak, from its published anchor measurement."""
+    from ..devices.profiles import load_profile, names, write_fraction
+    from ..devices.roofline import calibrate
+
+    for name in names():
+        profile = load_profile(name) if not name.startswith("host") else None
+        if profile is None or profile.calibration is None:
+            continue
+        fraction = calibrate(profile)
+        recorded = profile.calibration.achieved_fraction
+        console.print(f"{name}: {fraction:.4f} of roofline on {profile.calibration.model} "
+                      f"({profile.calibration.measured_ms:g} ms measured); recorded {recorded}")
+        if write:
+            write_fraction(name, fraction)
+
+
 _NOT_BUILT = {  # command → (summary, issue)
-    "profile": ("Latency profiling on the host and devices.", 9),
     "sweep": ("Pruning sweeps with Pareto plots.", 10),
     "report": ("HTML / Markdown report of a run.", 10),
 }

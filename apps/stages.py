@@ -1,7 +1,7 @@
 """The stage table: every recipe stage is one typed function with one pydantic config.
 
-Stages that later work adds (profile, report) register here
-the same way; the runner and the recipe parser read only this table.
+Stages that later work adds (report) register here the same way; the runner and the recipe
+parser read only this table.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..compress.quantize import QuantizeConfig
+from ..devices.profile import ProfileConfig
 from ..distill.kd import KDConfig
 from ..distill.steps import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
@@ -50,6 +51,7 @@ class PruneConfig(StageConfig):
     preset: Literal["bk-base", "bk-small", "bk-tiny"] | None = None
     target: str | None = None
     criterion: Literal["distortion", "magnitude", "random"] = "distortion"
+    device: str = "host-cpu"  # a latency target is judged on this device profile
     prompts: list[str] | None = Field(None, min_length=1)
     steps: int = Field(10, ge=1)
     guidance: float = Field(7.5, ge=0)
@@ -82,7 +84,7 @@ def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
         report = prune_preset(ctx.model, config.preset, ctx.out)
     else:
         report = prune_to_target(ctx.model, parse_target(config.target), ctx.out, config.criterion, config.prompts,
-                                 config.steps, config.guidance, config.seed)
+                                 config.steps, config.guidance, config.seed, device=config.device)
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 
@@ -196,6 +198,35 @@ def run_export(config: ExportConfig, ctx: StageContext) -> StageResult:
     return StageResult(metrics)
 
 
+class ProfileStageConfig(ProfileConfig):
+    """Time the model on a device: its own weights (backend torch) or an earlier export stage's files."""
+
+    export_stage: str | None = None  # the export stage's name in the recipe (default: the latest before this one)
+
+
+def run_profile(config: ProfileStageConfig, ctx: StageContext) -> StageResult:
+    from ..devices.profile import profile, write_report
+
+    if config.backend == "torch":
+        target = ctx.model.path
+    else:
+        earlier = sorted(p for p in ctx.out.parent.glob(f"*-{config.export_stage or 'export'}")
+                         if p.is_dir() and p.name < ctx.out.name)
+        if not earlier:
+            raise UserError(f"profile with backend {config.backend} profiles an export stage's files: "
+                            "put an export stage before it (or use backend: torch)")
+        target = earlier[-1]
+    report = profile(target, ProfileConfig(**config.model_dump(exclude={"export_stage"})), log=ctx.console.print)
+    write_report(report, ctx.out)
+    metrics = {}
+    for m in report["measurements"]:
+        metrics[f"{m['component']}/median_ms"] = m["median_ms"]
+        metrics[f"{m['component']}/peak_memory_bytes"] = m["peak_memory_bytes"]
+        if "roofline" in m:
+            metrics[f"{m['component']}/roofline_efficiency"] = m["roofline"]["efficiency"]
+    return StageResult(metrics)
+
+
 @dataclass(frozen=True)
 class Stage:
     config: type[StageConfig]
@@ -211,4 +242,5 @@ STAGES: dict[str, Stage] = {
     "generate": Stage(GenerateConfig, run_generate),
     "evaluate": Stage(EvaluateConfig, run_evaluate),
     "export": Stage(ExportConfig, run_export),
+    "profile": Stage(ProfileStageConfig, run_profile),
 }

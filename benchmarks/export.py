@@ -23,12 +23,6 @@ CASES = [("default", "onnx", "fp32"), ("default", "executorch", "fp32"), ("defau
          ("default", "coreml", "fp16")]
 SD15_CASES = [("sd15", "onnx", "fp32"), ("sd15", "executorch", "fp32"), ("sd15", "executorch", "int8"),
               ("sd15", "coreml", "fp16")]
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 768, "layers_per_block": 2, "sample_size": 64, "in_channels": 4, "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 
 
 def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict:
@@ -47,6 +41,8 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
     if model == "sd15":
         folder = out / "sd15-unet"
         folder.mkdir(parents=True, exist_ok=True)
+        from pocketdiff.devices.anchors import SD15_UNET
+
         (folder / "config.json").write_text(json.dumps(SD15_UNET))
         model = str(folder)
     ref = modelio.open_model(model)

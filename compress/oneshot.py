@@ -1,4 +1,4 @@
-"""One-shot layer pruning to a parameter or MAC target, after LAPTOP-Diff.
+"""One-shot layer pruning to a parameter, MAC or latency target, after LAPTOP-Diff.
 
 1. Enumerate the teacher's removable units, as far as stock diffusers' config can express them
    (see `blocks`): a down-stage layer together with a layer of the up block mirroring it, a block's
@@ -29,7 +29,7 @@ from ..devices.macs import count
 from .blocks import MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, mapped_student, shapes, teacher_plan
 
 CRITERIA = ("distortion", "magnitude", "random")
-METRICS = ("params", "macs")
+METRICS = ("params", "macs", "latency")
 
 
 @dataclass(frozen=True)
@@ -45,15 +45,13 @@ class Target:
 
 def parse_target(text: str) -> Target:
     metric, _, value = text.partition("=")
-    if metric == "latency":
-        raise UserError("latency targets need the device lookup table of the profiling issue (#9), not built yet; "
-                        "use params= or macs=")
     try:
         ratio = float(value)
     except ValueError:
         ratio = -1.0
     if metric not in METRICS or not 0 < ratio < 1:
-        raise UserError(f"target {text!r}: write params=R or macs=R, R the fraction of the teacher to keep (0 < R < 1)")
+        raise UserError(f"target {text!r}: write params=R, macs=R or latency=R, R the fraction of the teacher to keep "
+                        "(0 < R < 1)")
     return Target(metric, ratio)
 
 
@@ -98,10 +96,15 @@ def apply_all(plan: Plan, units) -> Plan | None:
 
 
 class Costs:
-    """A plan's parameter or MAC count (None when it does not fit), built on the meta device and cached."""
+    """A plan's parameter count, MAC count or predicted latency (None when it does not fit), cached.
 
-    def __init__(self, config: dict, metric: str):
-        self.config, self.metric = config, metric
+    Latency comes from a `devices.lookup.LatencyTable`: the plan's layers summed, each timed once.
+    """
+
+    def __init__(self, config: dict, metric: str, table=None):
+        if metric == "latency" and table is None:
+            raise UserError("a latency target needs a latency table (devices.lookup.build_table)")
+        self.config, self.metric, self.table = config, metric, table
         self.teacher_shapes = shapes(instantiate(config, "meta", torch.float32))
         self._known: dict[Plan, float | None] = {}
 
@@ -117,6 +120,8 @@ class Costs:
             return None
         if self.metric == "params":
             return float(sum(p.numel() for p in student.parameters()))
+        if self.metric == "latency":
+            return self.table.predict(dict(student.config))
         config = dict(student.config)
         inputs = modelio.unet_example_inputs(config, config["sample_size"], device="meta")
         return float(count(student, lambda m: m(**inputs), "unet", tuple(inputs["sample"].shape)).macs)

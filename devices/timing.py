@@ -1,4 +1,4 @@
-"""Wall-clock timing of a callable the way every latency figure here is taken: warm-up, then the median."""
+"""Wall-clock timing of a callable the way every latency figure here is taken: warm-up, then timed calls."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `repeats` calls after one untimed warm-up call (first-call allocation and planning)."""
-    fn()
+def call_times(fn: Callable[[], object], runs: int, warmup: int = 1) -> list[float]:
+    """ms of each of `runs` calls, after `warmup` untimed ones (first-call allocation and planning)."""
+    for _ in range(warmup):
+        fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(runs):
         began = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        times.append((time.perf_counter() - began) * 1000)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls after one untimed warm-up call."""
+    return statistics.median(call_times(fn, repeats)) / 1000

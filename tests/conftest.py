@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pocketdiff  # noqa: F401  (sets offline mode before diffusers is imported)
+from pocketdiff.devices.anchors import SD15_UNET
 
 CAPTIONS = ["red apple", "green apple", "grinning face", "dog face", "rocket", "snowman", "ghost", "rainbow"]
 
@@ -76,20 +77,28 @@ def three_stage_pipeline(tiny_pipeline, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_pipeline, tmp_path_factory) -> dict:
+    """The tiny pipeline exported once per session: ONNX (every component) and ExecuTorch (what its
+    pipeline runs), each format's folder and report."""
+    from pocketdiff.apps import modelio
+    from pocketdiff.export.exporter import ExportConfig, export_model
+
+    ref, exports = modelio.open_model(tiny_pipeline), {"reports": {}}
+    for fmt, components in (("onnx", None), ("executorch", ["text_encoder", "unet", "vae_decoder"])):
+        out = tmp_path_factory.mktemp(f"export-{fmt}")
+        config = ExportConfig(to=[fmt], **({"components": components} if components else {}))
+        exports["reports"][fmt] = export_model(ref, config, out, log=lambda _: None)[fmt]
+        exports[fmt] = out / fmt
+    return exports
+
+
 @pytest.fixture
 def sd15_unet_folder(tmp_path) -> Path:
     """SD-1.5's UNet config alone (diffusers' published values): architecture, no weights."""
-    config = {
-        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
-        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
-        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    }
     folder = tmp_path / "sd15-unet"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(SD15_UNET))
     return folder
 
 

@@ -11,7 +11,8 @@ from pocketdiff.apps.cli import _NOT_BUILT, app
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "inspect", "generate", "evaluate", "export", "zoo", "zoo train-default", "zoo train-judge", "distill",
-            "distill kd", "distill vae", "distill steps", "quantize", *_NOT_BUILT]
+            "distill kd", "distill vae", "distill steps", "quantize", "profile", "estimate", "devices", "devices list",
+            "devices calibrate", *_NOT_BUILT]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -22,10 +23,9 @@ def test_every_command_has_help(command):
 
 
 def test_unbuilt_stage_says_so_and_exits_2():
-    result = subprocess.run(["pocketdiff", "profile", "export/onnx", "--backend", "onnxruntime"],
-                            capture_output=True, text=True)
+    result = subprocess.run(["pocketdiff", "sweep", "default"], capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: 'profile' is not built yet (issue #9); nothing was run"
+    assert result.stderr.strip() == "error: 'sweep' is not built yet (issue #10); nothing was run"
 
 
 def test_unbuilt_quantization_backend_says_so_and_exits_2(tmp_path):

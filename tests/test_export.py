@@ -18,10 +18,8 @@ from tests.conftest import CAPTIONS, tiny_unet_config
 
 
 @pytest.fixture(scope="module")
-def onnx_export(tiny_pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    export_model(modelio.open_model(tiny_pipeline), ExportConfig(to=["onnx"]), out, log=lambda _: None)
-    return out / "onnx"
+def onnx_export(tiny_exports):
+    return tiny_exports["onnx"]
 
 
 def test_clip_bpe_matches_transformers(tiny_pipeline):
@@ -148,15 +146,14 @@ def test_onnx_fp16_stays_close(tiny_pipeline, tmp_path):
 
 
 @pytest.mark.slow
-def test_executorch_pipeline_matches_pytorch(tiny_pipeline, tmp_path):
-    config = ExportConfig(to=["executorch"], components=["text_encoder", "unet", "vae_decoder"])
-    report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["executorch"]
+def test_executorch_pipeline_matches_pytorch(tiny_exports, tmp_path):
+    report = tiny_exports["reports"]["executorch"]
     assert report["ok"] and report["image_psnr"] >= 40
-    io = json.loads((tmp_path / "executorch" / "unet" / "io.json").read_text())
+    io = json.loads((tiny_exports["executorch"] / "unet" / "io.json").read_text())
     assert io["inputs"] == ["sample", "timestep", "encoder_hidden_states"] and io["shapes"]["sample"][0] == 2
     from pocketdiff.export.runtime import ExportedPipeline
 
-    traced = ExportedPipeline(tmp_path / "executorch", "executorch", etdump=True)
+    traced = ExportedPipeline(tiny_exports["executorch"], "executorch", etdump=True)
     unguided = traced(["rocket"], 2, 1.0)  # batch 1 on a batch-2 program
     assert unguided.shape == (1, 32, 32, 3)
     from executorch.devtools import Inspector

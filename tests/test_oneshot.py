@@ -77,10 +77,9 @@ def test_selection_meets_the_target_and_keeps_what_it_can(teacher):
 
 def test_targets_parse_or_say_why():
     assert oneshot.parse_target("macs=0.6") == oneshot.Target("macs", 0.6)
-    with pytest.raises(UserError, match="latency targets need the device lookup table"):
-        oneshot.parse_target("latency=0.5")
-    for bad in ("params=1.2", "params", "flops=0.5", "params=half"):
-        with pytest.raises(UserError, match="write params=R or macs=R"):
+    assert oneshot.parse_target("latency=0.5") == oneshot.Target("latency", 0.5)
+    for bad in ("params=1.2", "params", "flops=0.5", "params=half", "latency=0"):
+        with pytest.raises(UserError, match="write params=R, macs=R or latency=R"):
             oneshot.parse_target(bad)
 
 
@@ -119,7 +118,8 @@ def test_cli_prune_to_target_and_its_errors(three_stage_pipeline, sd15_unet_fold
     for args, message in [
         ((str(sd15_unet_folder), "--target", "params=0.5"), "architecture only (no weights); the distortion criterion"),
         ((str(three_stage_pipeline / "unet"), "--target", "macs=0.5"), "the distortion criterion samples the teacher pipeline"),
-        ((str(three_stage_pipeline), "--target", "latency=0.5"), "latency targets need the device lookup table"),
+        ((str(three_stage_pipeline), "--target", "latency=0.5", "--criterion", "random", "--latency-table",
+          str(tmp_path / "missing.json")), "not a latency table"),
         ((str(three_stage_pipeline), "--target", "params=0.5", "--preset", "bk-small"), "prune needs either --preset"),
         ((str(three_stage_pipeline), "--target", "params=0.5", "--criterion", "loudest"), "unknown criterion 'loudest'"),
     ]:
@@ -147,6 +147,6 @@ def test_prune_stage_takes_a_target_or_a_preset_not_both():
     assert parse_recipe(head + "{target: macs=0.6, criterion: magnitude}\n", "p.yaml").stages[0].config.target == "macs=0.6"
     for body, message in [("{preset: bk-small, target: params=0.5}", "give either preset or target"),
                           ("{criterion: random}", "give either preset or target"),
-                          ("{target: latency=0.5}", "latency targets need the device lookup table")]:
+                          ("{target: latency=2}", "write params=R, macs=R or latency=R")]:
         with pytest.raises(UserError, match=message):
             parse_recipe(head + body + "\n", "p.yaml")

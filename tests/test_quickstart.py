@@ -18,7 +18,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     run_dir = tmp_path / "quickstart"
     stages = sorted(p.name for p in run_dir.iterdir())
     assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-kd", "06-evaluate",
-                      "07-step-distill", "08-evaluate", "09-export"]
+                      "07-step-distill", "08-evaluate", "09-export", "10-profile"]
     manifests = {name: read_manifest(run_dir / name) for name in stages}
     assert all(m["status"] == "done" for m in manifests.values())
     assert (run_dir / "01-generate" / "grid.png").exists()
@@ -40,5 +40,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     assert exported["onnx/image_psnr"] >= 40 and exported["onnx/unet/max_abs"] < 1e-3
     onnx_unet = run_dir / "09-export" / "onnx" / "unet"
     assert (onnx_unet / "model.onnx").exists() and json.loads((onnx_unet / "config.json").read_text())["time_cond_proj_dim"]
+    profiled = manifests["10-profile"]["metrics"]
+    assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < 1.5
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.count("skipped") == 9
+    assert again.stdout.count("skipped") == 10

@@ -193,6 +193,12 @@ def unet_config(ref: ModelRef) -> dict:
     return _read_json(ref.unet_path / "config.json")
 
 
+def unet_batch(config: dict) -> int:
+    """The batch a pipeline feeds its UNet per step: 2 for a guided model (prompt and empty prompt),
+    1 for a student with guidance in its weights (`time_cond_proj_dim`)."""
+    return 1 if config.get("time_cond_proj_dim") else 2
+
+
 def unet_example_inputs(config: dict, latent_size: int, batch: int = 1, tokens: int = 77,
                         device: str | torch.device = "cpu", generator: torch.Generator | None = None) -> dict:
     """Keyword inputs of one UNet forward for any SD-family config (SD-1/2, SDXL's added conditions, LCM's w)."""

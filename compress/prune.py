@@ -140,9 +140,8 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
 def _latency_table(config: dict, device: str, table_file: Path | None):
     from ..devices.lookup import LatencyTable, build_table
 
-    batch = 1 if config.get("time_cond_proj_dim") else 2  # what the pipeline feeds per step
     if table_file is None:
-        return build_table(config, device, batch=batch)
+        return build_table(config, device, batch=modelio.unet_batch(config))
     table = LatencyTable.load(table_file)
     if table.device != device:
         raise UserError(f"{table_file}: a table for {table.device}, not {device}")

@@ -112,7 +112,9 @@ def default_batch(folder: Path, component: str) -> int:
     """What the pipeline feeds per call: a guided teacher's UNet sees the prompt and the empty prompt."""
     if component != "unet":
         return 1
-    return 1 if json.loads((folder / "config.json").read_text()).get("time_cond_proj_dim") else 2
+    from ..apps.modelio import unet_batch
+
+    return unet_batch(json.loads((folder / "config.json").read_text()))
 
 
 def example_feed(shapes: dict[str, list], types: dict[str, str], sizes: dict[str, int], seed: int = 0) -> dict:
@@ -317,7 +319,7 @@ def profile_torch(ref, component: str, runs: int, warmup: int, batch: int | None
     with _PeakMemory() as memory:
         if component == "unet":
             config = modelio.unet_config(ref)
-            batch = batch or (1 if config.get("time_cond_proj_dim") else 2)
+            batch = batch or modelio.unet_batch(config)
             wrapped = unet_component(modelio.load_unet(ref), config["sample_size"], batch)
         else:
             if ref.kind != "pipeline":

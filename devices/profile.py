@@ -120,8 +120,9 @@ def profile(target: Path | str, config: ProfileConfig, log=print) -> dict:
             measured = host.measure(config.backend, str(file), component, config.runs, config.warmup,
                                     config.batch, config.threads)
             entry = measured.to_json()
-            if device.kind == "host":
-                entry["roofline"] = _efficiency(measured, _config_folder(target, file, config.backend, component), device)
+            folder = _config_folder(target, file, config.backend, component)
+            if device.kind == "host" and (folder / "config.json").exists():  # a Core ML package carries no config
+                entry["roofline"] = _efficiency(measured, folder, device)
             measurements.append(entry)
     return {"device": device.name, "device_description": device.device, "backend": config.backend,
             "runs": config.runs, "warmup": config.warmup, "threads": config.threads,

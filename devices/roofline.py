@@ -122,7 +122,7 @@ def model_shapes(ref, component: str, batch: int | None = None, latent: int | No
     unet = modelio.unet_config(ref)
     latent = latent or unet["sample_size"]
     if component == "unet":
-        batch = batch or (1 if unet.get("time_cond_proj_dim") else 2)
+        batch = batch or modelio.unet_batch(unet)
         return ref.unet_path, {"sample": [batch, unet["in_channels"], latent, latent]}
     if ref.kind != "pipeline":
         raise UserError(f"{ref.path}: a bare UNet folder has no {component}")

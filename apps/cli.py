@@ -1,6 +1,6 @@
 """The `pocketdiff` command line: one command per stage, plus `run` for whole recipes.
 
-Every user error is one line on stderr and exit status 2; commands whose stage is not built yet
+Every user error is one line on stderr and exit status 2; options whose backend is not built yet
 say so and exit 2 rather than pretend.
 """
 
@@ -53,8 +53,59 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     from .runner import run_recipe
 
     parsed = load_recipe(recipe, set_ or [])
-    run_dir = run_recipe(parsed, runs, console)
+    try:
+        run_dir = run_recipe(parsed, runs, console)
+    except Exception:
+        _report_anyway(runs / parsed.name)  # the page shows which stage failed, and what the others got
+        raise
     console.print(f"run folder: {run_dir}")
+    _print_report(run_dir, images=True)
+
+
+def _print_report(run_dir: Path, images: bool) -> None:
+    from .report import write_report
+
+    html, markdown = write_report(run_dir, images, log=console.print)
+    console.print(f"report: {html}  (Markdown: {markdown})")
+
+
+def _report_anyway(run_dir: Path) -> None:
+    try:
+        _print_report(run_dir, images=False)
+    except Exception as err:  # the stage's own error is the one to show
+        console.print(f"[dim]no report: {err}[/dim]")
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A run folder (runs/<recipe name>).")],
+           images: Annotated[bool, typer.Option(help="Sample the teacher-vs-students image grid.")] = True):
+    """One self-contained HTML page (and Markdown) of a run: stages, images, quality, parity, latency, op coverage."""
+    _print_report(run, images)
+
+
+@app.command()
+def sweep(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+          vary: Annotated[Optional[list[str]], typer.Option(
+              help="STAGE.FIELD=V1,V2,... (repeat for a grid), e.g. prune.target=params=0.5,params=0.7.")] = None,
+          runs: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override for every variant: KEY=VALUE.")] = None,
+          setting: Annotated[Optional[str], typer.Option(
+              help="The evaluate setting that is 'quality', e.g. validation/steps=25/guidance=7.5 (default: its first).")] = None):
+    """Run a recipe once per value, then plot quality against latency and parameters with the Pareto frontier."""
+    from .sweep import run_sweep
+
+    sweep_dir = run_sweep(recipe, vary or [], runs, set_ or [], setting, console)
+    rows = json.loads((sweep_dir / "sweep.json").read_text())["variants"]
+    table = Table(title=f"sweep {sweep_dir.name} (★: on the quality-latency frontier)")
+    for column in ("variant", "status", "quality", "latency ms", "UNet params (M)"):
+        table.add_column(column, justify="left" if column in ("variant", "status") else "right")
+    for r in rows:
+        table.add_row(("★ " if r["front_latency"] else "") + r["variant"], r["status"],
+                      "–" if r["quality"] is None else f"{r['quality']:.4f}",
+                      "–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
+                      f"{r['unet_params'] / 1e6:.3f}" if r["unet_params"] else "–")
+    console.print(table)
+    console.print(f"sweep folder: {sweep_dir}  (sweep.html, sweep.csv, sweep.json, pareto.png)")
 
 
 @app.command("inspect")
@@ -546,24 +597,6 @@ def devices_calibrate(write: Annotated[bool, typer.Option(help="Record the fract
                       f"({profile.calibration.measured_ms:g} ms measured); recorded {recorded}")
         if write:
             write_fraction(name, fraction)
-
-
-_NOT_BUILT = {  # command → (summary, issue)
-    "sweep": ("Pruning sweeps with Pareto plots.", 10),
-    "report": ("HTML / Markdown report of a run.", 10),
-}
-
-
-def _not_built(name: str, summary: str, issue: int):
-    def command(args: Annotated[Optional[list[str]], typer.Argument(help="Arguments (not parsed yet).")] = None):
-        raise UserError(f"'{name}' is not built yet (issue #{issue}); nothing was run")
-
-    command.__doc__ = f"{summary} Not built yet (issue #{issue})."
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
-
-
-for _name, (_summary, _issue) in _NOT_BUILT.items():
-    _not_built(_name, _summary, _issue)
 
 
 @app.callback()

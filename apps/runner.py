@@ -1,6 +1,6 @@
 """Run a recipe: a short loop over stages, each writing `runs/<name>/<NN>-<stage>/` and its manifest.
 
-A stage whose manifest says done, with the same config hash and input hash, is skipped; one that
+Everything a stage prints is also kept in its folder's `log.txt`. A stage whose manifest says done, with the same config hash and input hash, is skipped; one that
 died (status `running` or `failed`) runs again, and finds its own checkpoint in its folder, so
 training stages pick up where they stopped. A stage folder left by another config or input is
 emptied first: its checkpoint belongs to a different run. A stage that produces a model writes a
@@ -25,9 +25,21 @@ from . import modelio
 from .recipe import Recipe, stage_folder_name
 
 MANIFEST = "manifest.json"
+LOG = "log.txt"
 _MODEL_SUFFIXES = {".json", ".safetensors", ".txt", ".bin"}
 _VERSIONED = ("pocketdiff", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch",
               "coremltools", "nncf", "brevitas", "accelerate")
+
+
+class LoggedConsole:
+    """What a stage prints goes to the terminal and, as plain text, to its folder's log.txt."""
+
+    def __init__(self, console: Console, log: Console):
+        self.console, self.log = console, log
+
+    def print(self, *args, **kwargs) -> None:
+        self.console.print(*args, **kwargs)
+        self.log.print(*args, **kwargs)
 
 
 @dataclass
@@ -37,7 +49,7 @@ class StageContext:
     model: modelio.ModelRef  # the input model
     out: Path  # the stage folder: write outputs (and a diffusers model, for producing stages) here
     seed: int
-    console: Console = field(default_factory=Console)
+    console: Console | LoggedConsole = field(default_factory=Console)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -51,11 +63,11 @@ class StageResult:
 
 
 def hash_model_folder(path: Path) -> str:
-    """sha256 over a model folder's configs and weights (not manifests, logs or checkpoints)."""
+    """sha256 over a model folder's configs and weights (not manifests, stage logs or checkpoints)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
         relative = file.relative_to(path)
-        if file.name == MANIFEST or relative.parts[0] == "checkpoint" or file.suffix not in _MODEL_SUFFIXES:
+        if file.name in (MANIFEST, LOG) or relative.parts[0] == "checkpoint" or file.suffix not in _MODEL_SUFFIXES:
             continue
         digest.update(str(relative).encode())
         with file.open("rb") as handle:
@@ -120,7 +132,7 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console 
                 model = modelio.open_model(out)
             continue
         if previous and not same:
-            shutil.rmtree(out)
+            out.unlink() if out.is_symlink() else shutil.rmtree(out)  # a link: a sweep's shared stage, not ours
             previous = {"attempt": previous.get("attempt", 0)}
         manifest = {
             "stage": spec.name, "index": index, "recipe": recipe.source, "config": config, **expected,
@@ -128,15 +140,18 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console 
             "attempt": previous.get("attempt", 0) + 1, "status": "running", "started_at": _now(),
         }
         write_manifest(out, manifest)
-        console.print(f"[bold]{out.name}[/bold] (attempt {manifest['attempt']})")
         began = time.perf_counter()
-        try:
-            result = STAGES[spec.name].run(spec.config, StageContext(model, out, recipe.seed, console))
-        except BaseException as err:
-            manifest.update(status="failed", error=f"{type(err).__name__}: {err}",
-                            wall_time_s=round(time.perf_counter() - began, 3), finished_at=_now())
-            write_manifest(out, manifest)
-            raise
+        with (out / LOG).open("a") as log:
+            logged = LoggedConsole(console, Console(file=log, width=120, no_color=True, highlight=False))
+            logged.print(f"[bold]{out.name}[/bold] (attempt {manifest['attempt']})")
+            try:
+                result = STAGES[spec.name].run(spec.config, StageContext(model, out, recipe.seed, logged))
+            except BaseException as err:
+                manifest.update(status="failed", error=f"{type(err).__name__}: {err}",
+                                wall_time_s=round(time.perf_counter() - began, 3), finished_at=_now())
+                write_manifest(out, manifest)
+                logged.log.print(f"failed: {manifest['error']}")
+                raise
         manifest.update(status="done", metrics=result.metrics, produced_model=result.produced_model,
                         wall_time_s=round(time.perf_counter() - began, 3), finished_at=_now())
         write_manifest(out, manifest)

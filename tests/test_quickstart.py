@@ -16,7 +16,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     command = ["pocketdiff", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--runs", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     run_dir = tmp_path / "quickstart"
-    stages = sorted(p.name for p in run_dir.iterdir())
+    stages = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*"))
     assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-kd", "06-evaluate",
                       "07-step-distill", "08-evaluate", "09-export", "10-profile"]
     manifests = {name: read_manifest(run_dir / name) for name in stages}
@@ -42,5 +42,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     assert (onnx_unet / "model.onnx").exists() and json.loads((onnx_unet / "config.json").read_text())["time_cond_proj_dim"]
     profiled = manifests["10-profile"]["metrics"]
     assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < 1.5
+    page = (run_dir / "report" / "report.html").read_text()
+    assert all(name in page for name in stages) and "CPUExecutionProvider" in page
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.count("skipped") == 10
+    assert again.stdout.count("skipped") == 10 and "sampling" not in again.stdout

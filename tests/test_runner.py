@@ -34,6 +34,7 @@ def test_stage_writes_outputs_and_manifest(tiny_pipeline, tmp_path):
     assert manifest["versions"]["torch"] and manifest["versions"]["diffusers"] == "0.42.1"
     assert manifest["wall_time_s"] > 0 and manifest["metrics"]["images"] == 2
     assert len(list((stage / "images").glob("*.png"))) == 2 and (stage / "grid.png").exists()
+    assert (stage / "log.txt").read_text().startswith("01-generate (attempt 1)")
 
 
 def test_rerun_skips_then_config_change_reruns(tiny_pipeline, tmp_path):
@@ -73,6 +74,7 @@ def test_failed_stage_is_recorded_and_retried(tiny_pipeline, quick_judge, tmp_pa
         _run(text(tmp_path / "no-judge"), tmp_path)
     failed = read_manifest(tmp_path / "tiny" / "02-evaluate")
     assert failed["status"] == "failed" and "no judge here" in failed["error"]
+    assert (tmp_path / "tiny" / "02-evaluate" / "log.txt").read_text().startswith("02-evaluate (attempt 1)")
     _, output = _run(text(quick_judge), tmp_path)
     assert "01-generate: done before" in output
     retried = read_manifest(tmp_path / "tiny" / "02-evaluate")

@@ -56,7 +56,8 @@ def run(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     try:
         run_dir = run_recipe(parsed, runs, console)
     except Exception:
-        _report_anyway(runs / parsed.name)  # the page shows which stage failed, and what the others got
+        if (runs / parsed.name).is_dir():
+            _report_anyway(runs / parsed.name)  # the page shows which stage failed, and what the others got
         raise
     console.print(f"run folder: {run_dir}")
     _print_report(run_dir, images=True)
@@ -597,6 +598,21 @@ def devices_calibrate(write: Annotated[bool, typer.Option(help="Record the fract
                       f"({profile.calibration.measured_ms:g} ms measured); recorded {recorded}")
         if write:
             write_fraction(name, fraction)
+
+
+@app.command("serve-demo")
+def serve_demo(export: Annotated[Path, typer.Argument(help="An ONNX export of a few-step student (the folder holding onnx/, or onnx/ itself).")],
+               port: Annotated[int, typer.Option(help="Port on localhost.")] = 8000,
+               host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1"):
+    """Serve the in-browser demo: type a prompt, get an image made on your own device by onnxruntime-web."""
+    from .demo import make_server
+
+    server = make_server(export, host, port)
+    console.print(f"demo: http://{host}:{server.server_address[1]}/  (Ctrl-C stops it)")
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
 
 
 @app.callback()

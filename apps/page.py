@@ -44,11 +44,16 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _td(value) -> str:
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"<td class='n'>{html.escape(_cell(value))}</td>" if numeric else f"<td>{html.escape(_cell(value))}</td>"
+
+
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:right}
-td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}caption{text-align:left;color:#555;padding:.2em 0}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f4f4}caption{text-align:left;color:#555;padding:.2em 0}
 img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.85em}
 summary{cursor:pointer;color:#335}
 """
@@ -65,8 +70,7 @@ def to_html(title: str, intro: list[str], sections: list[Section]) -> str:
                 parts.append(f"<p>{html.escape(item)}</p>")
             elif isinstance(item, Table):
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in item.headers)
-                body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
-                               for row in item.rows)
+                body = "".join("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in item.rows)
                 caption = f"<caption>{html.escape(item.caption)}</caption>" if item.caption else ""
                 parts.append(f"<table>{caption}<tr>{head}</tr>{body}</table>")
             elif isinstance(item, Figure):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import modelio
 from .charts import latency_chart, quality_chart
@@ -23,6 +24,7 @@ from .errors import UserError
 from .page import Details, Figure, Section, Table, write_page
 from .runner import read_manifest
 
+SAMPLE_LIMIT = 100_000_000  # UNet parameters above which the grid waits for a GPU (SD-1.5's is 860 M)
 GRID_PROMPTS = ["red apple", "grinning face", "rocket", "snowman", "rainbow", "penguin", "cactus", "fire"]
 SETTING = re.compile(r"^(?P<split>\w+)/steps=(?P<steps>\d+)/guidance=(?P<guidance>[\d.]+)$")
 
@@ -134,6 +136,14 @@ def _sampling(records: list[StageRecord]) -> tuple[list[str], float, list[tuple[
 def _images_section(records: list[StageRecord], out: Path, log) -> Section:
     from .generate import generate_images
 
+    title = "Teacher and students, same prompts and seeds"
+    teacher = modelio.open_model(records[0].manifest["input"])
+    if teacher.kind != "pipeline" or teacher.random_weights:
+        return Section(title, ["No images: the input is " + ("a bare UNet folder." if teacher.kind != "pipeline"
+                                                             else "an architecture with random weights.")])
+    if modelio.unet_parameter_count(teacher) > SAMPLE_LIMIT and not torch.cuda.is_available():
+        return Section(title, [f"No images: sampling every model of a run at this scale on a CPU takes hours; run "
+                               f"`pocketdiff report {records[0].folder.parent}` where a GPU is."])
     prompts, guidance, models = _sampling(records)
     seed = records[0].manifest.get("seed", 0)
     key = json.dumps([prompts, guidance, seed, [(label, _model_hash(records, label), steps) for label, _, steps in models]])
@@ -149,7 +159,7 @@ def _images_section(records: list[StageRecord], out: Path, log) -> Section:
         model_grid(rows, prompts).save(path)
     caption = (f"Each row one model, each column one prompt (seed {seed} + column), guidance {guidance:g}; "
                "students at their own step counts.")
-    return Section("Teacher and students, same prompts and seeds", [Figure(path, caption)])
+    return Section(title, [Figure(path, caption)])
 
 
 def _model_hash(records: list[StageRecord], label: str) -> str:

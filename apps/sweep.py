@@ -92,24 +92,6 @@ def link_shared_stages(recipe: Recipe, run_dir: Path, earlier: list[tuple[Recipe
     return linked
 
 
-def unet_params(folder: Path) -> int:
-    """Parameters in a model folder's UNet weights, read from the safetensors headers."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in modelio.open_model(str(folder)).unet_path.glob("*.safetensors"):
-        if file.name == "quantization.safetensors":  # observer state, not weights
-            continue
-        with safe_open(file, "pt") as handle:
-            for key in handle.keys():
-                shape = handle.get_slice(key).get_shape()
-                count = 1
-                for size in shape:
-                    count *= size
-                total += count
-    return total
-
-
 def collect(name: str, run_dir: Path, setting: str | None, error: str | None = None) -> dict:
     """One variant's row: quality from its last evaluate stage, latency from its last profile stage."""
     row = {"variant": name, "status": "failed" if error else "done", "error": error, "quality": None,
@@ -139,7 +121,7 @@ def collect(name: str, run_dir: Path, setting: str | None, error: str | None = N
             first = report["measurements"][0]
             row.update(latency_ms=first["median_ms"],
                        latency_source=f"{report['backend']} {first['component']} on {report['device']}")
-    row["unet_params"] = unet_params(model)
+    row["unet_params"] = modelio.unet_parameter_count(modelio.open_model(str(model)))
     return row
 
 

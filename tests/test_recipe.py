@@ -1,6 +1,7 @@
 """Recipes: validated per stage, unknown keys rejected, errors naming the field and the line."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,16 @@ def test_overrides_set_stage_fields_and_top_level():
 def test_shipped_recipes_parse():
     for path in sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml")):
         assert load_recipe(path).stages
+
+
+@pytest.mark.parametrize("template", ["sd15", "sdxl"])
+def test_templates_ask_for_the_users_own_folders(template, tmp_path):
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"{template}.yaml"
+    result = subprocess.run(["pocketdiff", "run", str(recipe), "--runs", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: /path/to/stable-diffusion")
+    assert not list(tmp_path.iterdir())
+    teacher = load_recipe(recipe, [f"model={tmp_path}", "evaluate.judge=/clip"])
+    assert teacher.model == str(tmp_path) and any(s.config.model_dump().get("judge") == "/clip" for s in teacher.stages)
 
 
 def test_missing_recipe_file(tmp_path):

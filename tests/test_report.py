@@ -110,3 +110,13 @@ def test_vary_values_and_pareto_front():
     rows = [{"variant": v, "quality": q, "latency_ms": ms} for v, q, ms in
             [("a", 0.5, 10.0), ("b", 0.4, 12.0), ("c", 0.6, 20.0), ("d", 0.3, 5.0), ("e", None, 1.0), ("f", 0.6, 21.0)]]
     assert pareto_front(rows, "latency_ms") == {"a", "c", "d"}  # b: a is better and faster; f: c equal and faster
+
+
+def test_report_of_an_architecture_only_run_draws_no_images(sd15_unet_folder, tmp_path):
+    recipe = tmp_path / "a.yaml"
+    recipe.write_text(f"name: a\nmodel: {sd15_unet_folder}\nstages:\n  - prune: {{preset: bk-tiny}}\n")
+    _run("run", recipe, "--runs", tmp_path)
+    markdown = (tmp_path / "a" / "report" / "report.md").read_text()
+    assert "No images: the input is a bare UNet folder." in markdown
+    assert "UNet params 859.52 M → 323.38 M" in markdown  # BK-SDM's bk-tiny: 0.32 B
+    assert not list((tmp_path / "a" / "report").glob("*.png"))

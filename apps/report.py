@@ -99,7 +99,7 @@ def _headline(record: StageRecord) -> str:
         return (f"UNet params {m['params_before'] / 1e6:.2f} M → {m['params_after'] / 1e6:.2f} M, "
                 f"{m['removed_layers']} layers removed")
     if stage == "evaluate":
-        return "; ".join(f"{key.split('/', 1)[1]}: {value['prompt_score']:.3f}" for key, value in m.items()
+        return "; ".join(f"{key.removeprefix('validation/')}: {value['prompt_score']:.3f}" for key, value in m.items()
                          if SETTING.match(key))
     if stage == "export":
         psnr = [f"{k.split('/')[0]} image {v:.1f} dB" for k, v in m.items() if k.endswith("image_psnr")]

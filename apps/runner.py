@@ -1,10 +1,11 @@
 """Run a recipe: a short loop over stages, each writing `runs/<name>/<NN>-<stage>/` and its manifest.
 
-Everything a stage prints is also kept in its folder's `log.txt`. A stage whose manifest says done, with the same config hash and input hash, is skipped; one that
+A stage whose manifest says done, with the same config hash and input hash, is skipped; one that
 died (status `running` or `failed`) runs again, and finds its own checkpoint in its folder, so
 training stages pick up where they stopped. A stage folder left by another config or input is
 emptied first: its checkpoint belongs to a different run. A stage that produces a model writes a
-diffusers folder into its stage folder; that folder is the next stage's input.
+diffusers folder into its stage folder; that folder is the next stage's input. Everything a stage
+prints is also kept in its folder's `log.txt`.
 """
 
 from __future__ import annotations

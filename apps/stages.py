@@ -1,6 +1,6 @@
 """The stage table: every recipe stage is one typed function with one pydantic config.
 
-Stages that later work adds (report) register here the same way; the runner and the recipe
+Stages that later work adds register here the same way; the runner and the recipe
 parser read only this table.
 """
 

@@ -14,6 +14,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def profile_chart(report: dict, path: Path, top: int = 10) -> Path:
     """Per component: its `top` operators by time, and time per UNet block where the backend gave it."""
     plt = _pyplot()
@@ -33,10 +40,7 @@ def profile_chart(report: dict, path: Path, top: int = 10) -> Path:
             blocks = list(measurement.get("blocks_ms", {}).items())[:top][::-1]
             row[1].barh([b for b, _ in blocks], [ms for _, ms in blocks], color="tab:green")
             row[1].set_xlabel("ms per run, per block")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def quality_chart(series: dict[str, dict[int, float]], real: float | None, path: Path, metric: str = "prompt score") -> Path:
@@ -55,10 +59,7 @@ def quality_chart(series: dict[str, dict[int, float]], real: float | None, path:
     axis.set_ylabel(metric)
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def latency_chart(bars: list[dict], path: Path) -> Path:
@@ -72,10 +73,7 @@ def latency_chart(bars: list[dict], path: Path) -> Path:
     for y, value in enumerate(medians):
         axis.text(value, y, f" {value:.1f} ms", va="center", fontsize=8)
     axis.set_xlabel("ms per call (median; whisker p10–p90)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def pareto_chart(rows: list[dict], path: Path) -> Path:
@@ -99,7 +97,4 @@ def pareto_chart(rows: list[dict], path: Path) -> Path:
         axis.set_ylabel("quality (prompt score)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)

@@ -193,16 +193,6 @@ def unet_config(ref: ModelRef) -> dict:
     return _read_json(ref.unet_path / "config.json")
 
 
-def unet_parameter_count(ref: ModelRef) -> int:
-    """The UNet's parameters, counted on the meta device: no weights read, and the same for an
-    architecture-only folder, a trained one and its int8 version (whose float weights are kept)."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config(ref))
-    return sum(p.numel() for p in unet.parameters())
-
-
 def unet_batch(config: dict) -> int:
     """The batch a pipeline feeds its UNet per step: 2 for a guided model (prompt and empty prompt),
     1 for a student with guidance in its weights (`time_cond_proj_dim`)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices.macs import census_model
 from . import modelio
 from .charts import latency_chart, quality_chart
 from .errors import UserError
@@ -141,7 +142,7 @@ def _images_section(records: list[StageRecord], out: Path, log) -> Section:
     if teacher.kind != "pipeline" or teacher.random_weights:
         return Section(title, ["No images: the input is " + ("a bare UNet folder." if teacher.kind != "pipeline"
                                                              else "an architecture with random weights.")])
-    if modelio.unet_parameter_count(teacher) > SAMPLE_LIMIT and not torch.cuda.is_available():
+    if census_model(teacher, unet_only=True)[0].params > SAMPLE_LIMIT and not torch.cuda.is_available():
         return Section(title, [f"No images: sampling every model of a run at this scale on a CPU takes hours; run "
                                f"`pocketdiff report {records[0].folder.parent}` where a GPU is."])
     prompts, guidance, models = _sampling(records)

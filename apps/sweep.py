@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..devices.macs import census_model
 from . import modelio
 from .errors import UserError
 from .page import Figure, Section, Table, write_page
@@ -121,7 +122,7 @@ def collect(name: str, run_dir: Path, setting: str | None, error: str | None = N
             first = report["measurements"][0]
             row.update(latency_ms=first["median_ms"],
                        latency_source=f"{report['backend']} {first['component']} on {report['device']}")
-    row["unet_params"] = modelio.unet_parameter_count(modelio.open_model(str(model)))
+    row["unet_params"] = census_model(modelio.open_model(str(model)), unet_only=True)[0].params
     return row
 
 

@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; our own stages show rich progress
+os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass bars; read when tqdm is first imported
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Optional CUDA kernels of torchao and a torch deprecation notice it triggers are noise on every CPU run.

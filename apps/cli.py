@@ -262,11 +262,12 @@ def evaluate(model: ModelArg = "default",
 def export_(model: ModelArg,
             out: Annotated[Path, typer.Option(help="Folder that gets one subfolder per format.")],
             to: Annotated[str, typer.Option(help="Comma-separated formats: onnx, executorch, coreml.")] = "onnx",
-            precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8 (default: fp32; Core ML fp16).")] = None,
+            precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8 (default: fp32; Core ML fp16; ExecuTorch int8 for a model `quantize` made).")] = None,
             components: Annotated[Optional[str], typer.Option(help="Comma-separated subset of text_encoder, unet, vae_encoder, vae_decoder.")] = None,
             executorch_backends: Annotated[str, typer.Option(help="Comma-separated ExecuTorch partitioners: xnnpack, coreml, mps, vulkan, qnn.")] = "xnnpack",
             max_abs: Annotated[float, typer.Option(help="fp32 per-component max-abs error limit.")] = 1e-3,
             min_psnr: Annotated[Optional[float], typer.Option(help="End-to-end image PSNR limit in dB (default by precision: 40 fp32, 30 fp16, 25 int8).")] = None,
+            workers: Annotated[int, typer.Option(help="Processes exporting components side by side (each loads the model).")] = 1,
             allow_pickle: AllowPickle = False):
     """Export every component to ONNX (optimum's layout), ExecuTorch (.pte) or Core ML (Swift layout), checked against PyTorch."""
     from pydantic import ValidationError
@@ -274,7 +275,8 @@ def export_(model: ModelArg,
     from ..export.exporter import ExportConfig, export_model
     from ..export.parity import ParityThresholds
 
-    fields = {"to": to.split(","), "precision": precision, "executorch_backends": executorch_backends.split(",")}
+    fields = {"to": to.split(","), "precision": precision, "executorch_backends": executorch_backends.split(","),
+              "workers": workers}
     if components:
         fields["components"] = components.split(",")
     limits = {"max_abs_fp32": max_abs}
@@ -442,7 +444,7 @@ def quantize(model: ModelArg,
         raise UserError(f"quantize: {_first_error(err)}") from None
     report = run_quantize(_open(model), config, out, log=console.print)
     console.print(f"quantized pipeline: {out}  (UNet relative error {report['unet_relative_error']:.4f}; "
-                  f"export it with --to executorch --precision int8; report: {out / 'quantize_report.json'})")
+                  f"ExecuTorch exports ship it as int8; report: {out / 'quantize_report.json'})")
 
 
 def _first_error(err) -> str:
@@ -633,12 +635,17 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+        if isinstance(err, _usage_errors()):
             err.show()
             sys.exit(2)
         raise
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """Click's usage errors, and their copies in typer >= 0.29, which vendors click under its own names."""
+    import click
+
+    return (click.exceptions.ClickException, getattr(typer, "TyperException", click.exceptions.ClickException))
 
 
 if __name__ == "__main__":  # `accelerate launch -m pocketdiff.apps.cli distill kd ...`

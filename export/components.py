@@ -113,23 +113,26 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise UserError(f"{ref.path}: export handles SD-1.x/2.x-style pipelines (one text encoder); "
                         "export an SDXL UNet folder on its own")
-    generator = torch.Generator().manual_seed(EXAMPLE_SEED)
+
+    def seeded():  # a generator per component: its inputs do not depend on which others are built
+        return torch.Generator().manual_seed(EXAMPLE_SEED)
+
     factor = modelio.vae_scale_factor(ref)
     tokens = pipe.tokenizer.model_max_length
     made = {
         "text_encoder": lambda: Component(
             "text_encoder", TextEncoder(pipe.text_encoder).eval(),
-            {"input_ids": torch.randint(0, pipe.text_encoder.config.vocab_size, (1, tokens), generator=generator)},
+            {"input_ids": torch.randint(0, pipe.text_encoder.config.vocab_size, (1, tokens), generator=seeded())},
             ["last_hidden_state", "pooler_output"], {"input_ids": {0: "batch_size"}}, "text_encoder"),
         "unet": lambda: unet_component(pipe.unet, latent_size, tokens=tokens),
         "vae_encoder": lambda: Component(
             "vae_encoder", VaeEncoder(pipe.vae).eval(),
-            {"sample": torch.rand(1, 3, latent_size * factor, latent_size * factor, generator=generator) * 2 - 1},
+            {"sample": torch.rand(1, 3, latent_size * factor, latent_size * factor, generator=seeded()) * 2 - 1},
             ["latent_parameters"], {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}, "vae"),
         "vae_decoder": lambda: Component(
             "vae_decoder", VaeDecoder(pipe.vae).eval(),
             {"latent_sample": torch.randn(1, pipe.vae.config.latent_channels, latent_size, latent_size,
-                                          generator=generator)},
+                                          generator=seeded())},
             ["sample"], {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}, "vae"),
     }
     unknown = set(names) - set(made)

@@ -17,7 +17,6 @@ census, weight dtype, size); on macOS also numerically against PyTorch.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import shutil
 from collections import Counter
@@ -126,7 +125,6 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | N
 
 
 def _quiet_coremltools():
-    os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars
     for name in ("coremltools", "coremltools.converters"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import coremltools

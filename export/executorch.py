@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from ..apps.errors import UserError
 from .components import Component
 from .exporter import write_optimum_layout
 from .runtime import ExecuTorchModel
+
+# ExecuTorch's lowering deep-copies torch pytree specs, which warns once per process about a deprecation not ours
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 FILE = "model.pte"
 DEFAULT_PRECISION = "fp32"

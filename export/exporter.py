@@ -5,6 +5,7 @@ One loop for all formats: wrap the components (`components.py`), hand each to th
 pipelines, where the runtime exists here) generate images from the export and from PyTorch with
 the same starting noise and compare those. The per-format `parity.json` and the overall
 `export_report.json` hold times, file sizes and errors; any check over its threshold exits 2.
+With `workers` > 1 the (format, component) exports run in that many processes, longest first.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ExportConfig(BaseModel):
     steps: int = Field(4, ge=1)
     guidance: float = Field(7.5, ge=0)
     thresholds: parity.ParityThresholds = Field(default_factory=parity.ParityThresholds)
+    workers: int = Field(1, ge=1)  # processes exporting components side by side; each holds its own copy of the model
 
 
 def _format_module(name: str):
@@ -92,45 +94,121 @@ def _int8_origin(quantization: tuple[dict, dict] | None) -> str:
     return f"saved: {spec['backend']} int8, {'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}"
 
 
-def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path, seed: int = 0,
-                  log=print) -> dict:
-    """Export every asked component to one format under `out`; return (and write) its parity report."""
+def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
+    """The asked precision, else the format's default; ExecuTorch ships a model's saved xnnpack int8 unasked."""
+    from ..compress.quantize import SPEC_FILE
+
     module = _format_module(fmt)
     precision = config.precision or module.DEFAULT_PRECISION
+    spec = ref.unet_path / SPEC_FILE
+    if config.precision is None and fmt == "executorch" and spec.exists() \
+            and json.loads(spec.read_text())["backend"] == "xnnpack":
+        precision = "int8"  # what `pocketdiff quantize` trained is what ships
     module.check_precision(precision)
-    names = list(config.components) if ref.kind == "pipeline" else ["unet"]
-    size = trace_latent_size(modelio.unet_config(ref)) if module.DYNAMIC_SHAPES else None
-    report = {"format": fmt, "precision": precision, "model": str(ref.path), "components": {}}
-    for component in model_components(ref, pipe, tuple(names), size):
-        if hasattr(module, "adapt"):
-            component = module.adapt(component, pipe, ref)
-        began = time.perf_counter()
-        # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
-        own_precision = "fp32" if precision == "int8" and component.name != "unet" else precision
-        extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
-        if own_precision == "int8":
-            from ..compress.quantize import read_quantization
+    return precision
 
-            extra["quantization"] = read_quantization(ref)
-        if own_precision == "int8" and pipe is not None and extra["quantization"] is None:
+
+def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path) -> dict:
+    """Export one component to one format in `out/<name>/`, run the file, compare with PyTorch: its report entry."""
+    from ..compress.quantize import read_quantization
+
+    module = _format_module(fmt)
+    precision = precision_for(fmt, ref, config)
+    size = trace_latent_size(modelio.unet_config(ref)) if module.DYNAMIC_SHAPES else None
+    (component,) = model_components(ref, pipe, (name,), size)
+    if hasattr(module, "adapt"):
+        component = module.adapt(component, pipe, ref)
+    began = time.perf_counter()
+    # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
+    own_precision = "fp32" if precision == "int8" and name != "unet" else precision
+    quantization = read_quantization(ref) if name == "unet" else None
+    extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
+    if own_precision == "int8":
+        extra["quantization"] = quantization
+        if pipe is not None and quantization is None:
             from ..compress.calibration import record_unet_inputs
 
             extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
-        path = module.export_component(component, out / component.name, own_precision, **extra)
-        entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
-                 "export_seconds": round(time.perf_counter() - began, 2)}
-        if own_precision == "int8":
-            entry["quantization"] = _int8_origin(extra["quantization"])
-        runner = module.load(path)
-        if runner is None:
-            entry.update(module.structural_check(path, component))
-            entry["numeric"] = module.NO_RUNTIME_REASON
-        else:
-            expected = _numpy(component.run())
-            entry.update(parity.compare(expected, runner(_numpy(component.inputs))))
-        report["components"][component.name] = entry
-        check = entry.get("numeric") or f"max-abs {entry['max_abs']:.2e} vs PyTorch"
-        log(f"{fmt} {component.name}: {entry['bytes'] / 1e6:.1f} MB in {entry['export_seconds']:.1f} s, {check}")
+    path = module.export_component(component, out / name, own_precision, **extra)
+    entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
+             "export_seconds": round(time.perf_counter() - began, 2)}
+    if own_precision == "int8":
+        entry["quantization"] = _int8_origin(quantization)
+    elif quantization is not None:
+        entry["quantization"] = f"not applied: {fmt} {own_precision} of the float (QAT-trained) weights"
+    runner = module.load(path)
+    if runner is None:
+        entry.update(module.structural_check(path, component))
+        entry["numeric"] = module.NO_RUNTIME_REASON
+    else:
+        expected = _numpy(component.run())
+        entry.update(parity.compare(expected, runner(_numpy(component.inputs))))
+    return entry
+
+
+def describe(fmt: str, name: str, entry: dict) -> str:
+    check = entry.get("numeric") or f"max-abs {entry['max_abs']:.2e} vs PyTorch"
+    return f"{fmt} {name}: {entry['bytes'] / 1e6:.1f} MB in {entry['export_seconds']:.1f} s, {check}"
+
+
+_WORKER_MODELS: dict[tuple, tuple] = {}
+
+
+def _export_in_worker(fmt: str, name: str, path: str, allow_pickle: bool, config: dict, out: str) -> dict:
+    """`export_one` in a worker process, which loads the model once for all its jobs."""
+    if (path, allow_pickle) not in _WORKER_MODELS:
+        ref = modelio.open_model(path, allow_pickle)
+        _WORKER_MODELS[path, allow_pickle] = ref, modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
+    ref, pipe = _WORKER_MODELS[path, allow_pickle]
+    return export_one(fmt, name, ref, pipe, ExportConfig(**config), Path(out))
+
+
+def _cost(job: tuple[str, str]) -> int:
+    """A rough rank of export times: ExecuTorch lowering is the slowest format, the UNet the largest component."""
+    fmt, name = job
+    return (3 if fmt == "executorch" else 1) * (4 if name == "unet" else 1)
+
+
+def export_components(jobs: list[tuple[str, str]], ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path,
+                      log=print) -> dict[tuple[str, str], dict]:
+    """Every (format, component) job's entry, in `config.workers` processes.
+
+    Lowering and conversion are single-threaded Python, so on two cores two workers take about
+    the time of the longest job (the UNet's ExecuTorch lowering) rather than the sum. Each worker
+    loads its own copy of the model: at SD scale mind the memory.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from ..apps.progress import progress_bar
+
+    entries = {}
+    with progress_bar("export", len(jobs)) as advance:
+        if config.workers == 1 or len(jobs) == 1:
+            for fmt, name in jobs:
+                entries[fmt, name] = export_one(fmt, name, ref, pipe, config, out / fmt)
+                log(describe(fmt, name, entries[fmt, name]))
+                advance()
+            return entries
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        with ProcessPoolExecutor(min(config.workers, len(jobs)), mp_context=context) as pool:
+            futures = {pool.submit(_export_in_worker, fmt, name, str(ref.path), ref.allow_pickle, config.model_dump(),
+                                   str(out / fmt)): (fmt, name) for fmt, name in sorted(jobs, key=_cost, reverse=True)}
+            for future in as_completed(futures):
+                fmt, name = futures[future]
+                entries[fmt, name] = future.result()
+                log(describe(fmt, name, entries[fmt, name]))
+                advance()
+    return {job: entries[job] for job in jobs}
+
+
+def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path, entries: dict,
+                  seed: int = 0, log=print) -> dict:
+    """The format's app layout around its exported components, the end-to-end image check, its parity report."""
+    module = _format_module(fmt)
+    names = list(entries)
+    report = {"format": fmt, "precision": precision_for(fmt, ref, config), "model": str(ref.path),
+              "components": entries}
     module.write_layout(ref, out, names)
     if ref.kind == "pipeline" and module.RUNS_PIPELINE and {"text_encoder", "unet", "vae_decoder"} <= set(names):
         from .lcm import LCM
@@ -152,10 +230,12 @@ def export_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
 def export_model(ref: modelio.ModelRef, config: ExportConfig, out: Path, seed: int = 0, log=print) -> dict:
     """Export `ref` to every format in `config.to` under `out/<format>/`; return the overall report."""
     out = Path(out)
-    pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
-    reports = {}
     for fmt in config.to:
-        reports[fmt] = export_format(fmt, ref, pipe, config, out / fmt, seed, log)
+        precision_for(fmt, ref, config)  # a precision a format refuses fails before any work
+    pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
+    names = list(config.components) if ref.kind == "pipeline" else ["unet"]
+    entries = export_components([(fmt, name) for fmt in config.to for name in names], ref, pipe, config, out, log)
+    reports = {fmt: finish_format(fmt, ref, pipe, config, out / fmt, {name: entries[fmt, name] for name in names},
+                                  seed, log) for fmt in config.to}
     (out / "export_report.json").write_text(json.dumps(reports, indent=2, default=float))
     return reports
-

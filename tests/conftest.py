@@ -79,15 +79,15 @@ def three_stage_pipeline(tiny_pipeline, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_exports(tiny_pipeline, tmp_path_factory) -> dict:
-    """The tiny pipeline exported once per session: ONNX (every component) and ExecuTorch (what its
-    pipeline runs), each format's folder and report."""
+    """The tiny pipeline exported once per session, two components at a time: ONNX (every component)
+    and ExecuTorch (what its pipeline runs), each format's folder and report."""
     from pocketdiff.apps import modelio
     from pocketdiff.export.exporter import ExportConfig, export_model
 
     ref, exports = modelio.open_model(tiny_pipeline), {"reports": {}}
     for fmt, components in (("onnx", None), ("executorch", ["text_encoder", "unet", "vae_decoder"])):
         out = tmp_path_factory.mktemp(f"export-{fmt}")
-        config = ExportConfig(to=[fmt], **({"components": components} if components else {}))
+        config = ExportConfig(to=[fmt], workers=2, **({"components": components} if components else {}))
         exports["reports"][fmt] = export_model(ref, config, out, log=lambda _: None)[fmt]
         exports[fmt] = out / fmt
     return exports

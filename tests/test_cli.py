@@ -22,6 +22,12 @@ def test_every_command_has_help(command):
     assert "Usage" in result.output
 
 
+def test_unknown_option_is_a_usage_error_not_a_traceback():
+    result = subprocess.run(["pocketdiff", "quantize", "default", "--bogus"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "No such option: --bogus" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_sweep_without_vary_and_report_of_no_run_exit_2(tmp_path):
     result = subprocess.run(["pocketdiff", "sweep", str(ROOT / "recipes" / "quickstart.yaml"), "--runs", str(tmp_path)],
                             capture_output=True, text=True)

@@ -138,6 +138,20 @@ def test_etdump_needs_executorch(tiny_pipeline, tmp_path, backend):
     assert result.stderr.strip() == "error: ETDump is ExecuTorch's trace: --etdump needs --backend executorch"
 
 
+def test_workers_export_what_one_process_exports(tiny_pipeline, tiny_exports, tmp_path):
+    from pocketdiff.export.runtime import load_model
+
+    config = ExportConfig(to=["onnx"], components=["text_encoder", "vae_decoder"])  # one process, in order
+    report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["onnx"]
+    parallel = tiny_exports["reports"]["onnx"]["components"]  # two worker processes, longest job first
+    for name, entry in report["components"].items():
+        assert entry["max_abs"] == parallel[name]["max_abs"], name  # the same seeded inputs, the same numbers
+        inputs = {"latent_sample": np.random.default_rng(0).standard_normal((1, 4, 8, 8), dtype=np.float32)} \
+            if name == "vae_decoder" else {"input_ids": np.arange(77, dtype=np.int64)[None] % 10}
+        ours, theirs = (load_model(folder / name / "model.onnx")(inputs) for folder in (tmp_path / "onnx", tiny_exports["onnx"]))
+        assert all(np.array_equal(ours[k], theirs[k]) for k in ours), name
+
+
 def test_onnx_fp16_stays_close(tiny_pipeline, tmp_path):
     config = ExportConfig(to=["onnx"], precision="fp16", components=["unet"])
     report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["onnx"]

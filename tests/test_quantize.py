@@ -143,12 +143,15 @@ def test_executorch_int8_export_ships_the_quantized_graph(ptq, tiny_pipeline, tm
     from pocketdiff.export.parity import ParityThresholds
 
     # random weights with every conv int8 lose more than a trained model does (the default keeps its judge scores)
-    config = ExportConfig(to=["executorch"], precision="int8", components=["text_encoder", "unet", "vae_decoder"],
-                          steps=2, thresholds=ParityThresholds(psnr_int8=20))
-    report = export_model(modelio.open_model(ptq[0]), config, tmp_path, log=lambda _: None)["executorch"]
-    unet = report["components"]["unet"]
-    assert report["ok"] and report["image_psnr"] >= 20 and unet["precision"] == "int8"
+    config = ExportConfig(to=["onnx", "executorch"], components=["text_encoder", "unet", "vae_decoder"],
+                          steps=2, thresholds=ParityThresholds(psnr_int8=20), workers=2)
+    reports = export_model(modelio.open_model(ptq[0]), config, tmp_path, log=lambda _: None)
+    report, unet = reports["executorch"], reports["executorch"]["components"]["unet"]
+    assert report["ok"] and report["image_psnr"] >= 20 and unet["precision"] == "int8"  # int8 unasked
     assert unet["quantization"] == "saved: xnnpack int8, post-training, conv+linear"
+    onnx_unet = reports["onnx"]["components"]["unet"]
+    assert onnx_unet["precision"] == "fp32" and onnx_unet["quantization"].startswith("not applied: onnx fp32")
+    assert reports["onnx"]["image_psnr"] >= 40  # the float weights, matching PyTorch's float pipeline
     params = sum(p.numel() for p in modelio.load_unet(modelio.open_model(tiny_pipeline)).parameters())
     assert unet["bytes"] < 0.45 * 4 * params  # the convolutions went int8 too: the export's own int8 leaves them fp32
 

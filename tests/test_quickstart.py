@@ -1,6 +1,7 @@
 """The README's main job, end to end on the embedded default, exactly as shipped."""
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     run_dir = tmp_path / "quickstart"
     stages = sorted(p.name for p in run_dir.glob("[0-9][0-9]-*"))
     assert stages == ["01-generate", "02-evaluate", "03-prune", "04-evaluate", "05-kd", "06-evaluate",
-                      "07-step-distill", "08-evaluate", "09-export", "10-profile"]
+                      "07-step-distill", "08-evaluate", "09-quantize", "10-export", "11-profile", "12-profile"]
     manifests = {name: read_manifest(run_dir / name) for name in stages}
     assert all(m["status"] == "done" for m in manifests.values())
     assert (run_dir / "01-generate" / "grid.png").exists()
@@ -26,8 +27,8 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     pruned = manifests["04-evaluate"]["metrics"]
     distilled = manifests["06-evaluate"]["metrics"]
     key = "validation/steps=25/guidance=7.5"
-    assert teacher["validation/real"]["retrieval_accuracy"] > 0.4  # the judge knows real images (chance: 1/256)
-    assert teacher[key]["retrieval_accuracy"] > 5 / 256  # the teacher is far above chance, though far below real
+    assert teacher["validation/real"]["retrieval_accuracy"] > 0.4  # the judge knows real images (chance: 1/128)
+    assert teacher[key]["retrieval_accuracy"] > 3 / 128  # the teacher is above chance, though far below real
     assert pruned[key]["prompt_score"] < teacher[key]["prompt_score"]  # pruning without KD costs quality
     assert manifests["03-prune"]["metrics"]["params_after"] < 0.7 * manifests["03-prune"]["metrics"]["params_before"]
     assert distilled[key]["prompt_score"] > 0.7 * teacher[key]["prompt_score"]  # KD wins most of it back
@@ -36,13 +37,22 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     one_step = "validation/steps=1/guidance=7.5"
     few_step = manifests["08-evaluate"]["metrics"]
     assert few_step[one_step]["prompt_score"] > distilled[one_step]["prompt_score"]  # beats its teacher at 1 step
-    exported = manifests["09-export"]["metrics"]
+    assert manifests["09-quantize"]["metrics"]["unet_relative_error"] < 0.05  # QAT int8 stays near the fp32 UNet
+    exported = manifests["10-export"]["metrics"]
     assert exported["onnx/image_psnr"] >= 40 and exported["onnx/unet/max_abs"] < 1e-3
-    onnx_unet = run_dir / "09-export" / "onnx" / "unet"
-    assert (onnx_unet / "model.onnx").exists() and json.loads((onnx_unet / "config.json").read_text())["time_cond_proj_dim"]
-    profiled = manifests["10-profile"]["metrics"]
-    assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < 1.5
+    assert exported["executorch/image_psnr"] >= 25  # the int8 UNet that QAT trained, lowered to XNNPACK
+    export = run_dir / "10-export"
+    assert json.loads((export / "onnx" / "unet" / "config.json").read_text())["time_cond_proj_dim"]
+    report = json.loads((export / "export_report.json").read_text())
+    assert report["executorch"]["components"]["unet"]["quantization"] == "saved: xnnpack int8, QAT, conv+linear"
+    assert report["onnx"]["components"]["unet"]["precision"] == "fp32"
+    for name in ("TextEncoder", "Unet", "VAEDecoder"):  # Apple's Swift package layout
+        assert (export / "coreml" / "Resources" / f"{name}.mlpackage").is_dir()
+    for stage, runtime in (("11-profile", "onnxruntime"), ("12-profile", "executorch")):
+        profiled = manifests[stage]["metrics"]
+        assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < 1.5, runtime
     page = (run_dir / "report" / "report.html").read_text()
     assert all(name in page for name in stages) and "CPUExecutionProvider" in page
+    assert re.search(r"xnnpack \d+", page)  # the op-coverage row of the ExecuTorch profile: ops XNNPACK took
     again = subprocess.run(command, check=True, capture_output=True, text=True)
-    assert again.stdout.count("skipped") == 10 and "sampling" not in again.stdout
+    assert again.stdout.count("skipped") == len(stages) and "sampling" not in again.stdout

@@ -46,7 +46,8 @@ class ClipBPE {
   }
 
   bpe(word) {
-    const parts = [...word.slice(0, -1), word.slice(-1) + "</w>"];
+    const chars = Array.from(word);
+    const parts = [...chars.slice(0, -1), chars[chars.length - 1] + "</w>"];
     while (parts.length > 1) {
       let best = Infinity, at = -1;
       for (let i = 0; i < parts.length - 1; i++) {
@@ -63,7 +64,7 @@ class ClipBPE {
     const ids = [];
     for (const word of text.split(/\s+/).filter(Boolean).join(" ").toLowerCase().match(PATTERN) || []) {
       const mapped = [...new TextEncoder().encode(word)].map((b) => this.bytes[b]).join("");
-      for (const part of this.bpe([...mapped])) ids.push(this.vocab[part] ?? this.unk);
+      for (const part of this.bpe(mapped)) ids.push(this.vocab[part] ?? this.unk);
     }
     const row = [this.bos, ...ids.slice(0, this.maxLength - 2), this.eos];
     while (row.length < this.maxLength) row.push(this.pad);

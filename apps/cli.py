@@ -420,7 +420,7 @@ def steps_(model: ModelArg,
 def quantize(model: ModelArg,
              out: Annotated[Path, typer.Option(help="Folder for the quantized pipeline, its log and checkpoints.")],
              backend: Annotated[str, typer.Option(
-                 help="xnnpack (built); onnx-int8, coreml-w8a8, coreml-palette4, brevitas-w4a8: not built yet.")] = "xnnpack",
+                 help="xnnpack (ExecuTorch), onnx-int8 (onnxruntime QDQ); coreml-w8a8, coreml-palette4, brevitas-w4a8: not built yet.")] = "xnnpack",
              qat_steps: Annotated[int, typer.Option(help="Quantization-aware training steps; 0: post-training only.")] = 0,
              layers: Annotated[str, typer.Option(help="conv+linear or linear.")] = "conv+linear",
              keep: Annotated[str, typer.Option(help="Comma-separated UNet modules kept fp32.")] = "conv_in,conv_out,time_embedding",
@@ -444,7 +444,10 @@ def quantize(model: ModelArg,
         raise UserError(f"quantize: {_first_error(err)}") from None
     report = run_quantize(_open(model), config, out, log=console.print)
     console.print(f"quantized pipeline: {out}  (UNet relative error {report['unet_relative_error']:.4f}; "
-                  f"ExecuTorch exports ship it as int8; report: {out / 'quantize_report.json'})")
+                  f"{SHIPS_INT8[config.backend]} exports ship it as int8; report: {out / 'quantize_report.json'})")
+
+
+SHIPS_INT8 = {"xnnpack": "ExecuTorch", "onnx-int8": "ONNX"}  # the export format each built backend is for
 
 
 def _first_error(err) -> str:

@@ -51,6 +51,13 @@ def check_export(folder: Path) -> Path:
     if missing:
         raise UserError(f"{folder}: not an ONNX pipeline export (missing {', '.join(missing)}); "
                         "make one with pocketdiff export MODEL --to onnx")
+    import onnx
+
+    sample = next(i for i in onnx.load(str(root / "unet" / "model.onnx"), load_external_data=False).graph.input
+                  if i.name == "sample")
+    if sample.type.tensor_type.shape.dim[0].HasField("dim_value"):
+        raise UserError(f"{root}: this UNet was traced at a fixed batch (an int8 export) and the page feeds it one "
+                        "sample at a time; export the model with --precision fp32 for the demo")
     scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
     if scheduler != "LCMScheduler":
         raise UserError(f"{root}: the demo generates in 1–4 steps, which needs a few-step student (LCMScheduler), "

@@ -1,16 +1,18 @@
-"""int8 for ExecuTorch: fp32 vs post-training vs quantization-aware training, judged, sized and timed in one run.
+"""int8 for one export target: fp32 vs post-training vs quantization-aware training, judged, sized and timed in one run.
 
-    python benchmarks/quantize.py --model STUDENT [--sample-steps 1] [--qat-steps 600] [--lr 1e-5]
-                                  [--prompts 256] [--calibration-prompts 256] [--work quantize-bench] [--json F]
+    python benchmarks/quantize.py --model STUDENT [--backend xnnpack|onnx-int8] [--sample-steps 1]
+                                  [--qat-steps 600] [--lr 1e-5] [--prompts 256] [--calibration-prompts 256]
+                                  [--work quantize-bench] [--json F]
 
-Rows: the fp32 model; post-training int8 of the linear layers alone (what `export --precision
-int8` does to a float model); post-training int8 of convolutions and linears; the same after QAT.
-Each int8 model is the one `pocketdiff quantize` writes, judged through its int8 graph (torch's
-reference int8 ops) on the same validation prompts and seeds: prompt score ↑ (and as a share of
-fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to ExecuTorch (XNNPACK), UNet only,
-and its program timed in ExecuTorch's runtime on this host at the export's batch (2): median of
-`--repeats` runs after a warm-up, beside the fp32 program's, with file sizes. Quantized folders in
-`--work` are reused, so a rerun only evaluates and times.
+Rows: the fp32 model; for ExecuTorch, post-training int8 of the linear layers alone (what `export
+--precision int8` does to a float model); post-training int8 of convolutions and linears; the same
+after QAT. Each int8 model is the one `pocketdiff quantize --backend B` writes, judged through its
+int8 graph (torch's reference int8 ops) on the same validation prompts and seeds: prompt score ↑
+(and as a share of fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to the
+backend's format (xnnpack: ExecuTorch; onnx-int8: ONNX), UNet only, checked against fp32 PyTorch
+(relative error of the exported file's output), and timed in that format's runtime on this host at
+the export's batch (2): median of `--repeats` runs after a warm-up, beside the fp32 file's, with
+file sizes. Quantized folders in `--work` are reused, so a rerun only evaluates and times.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from pocketdiff.compress.quantize import QuantizeConfig, quantize
 from pocketdiff.devices.timing import median_seconds
 from pocketdiff.export.components import model_components
 from pocketdiff.export.exporter import ExportConfig, export_model
-from pocketdiff.export.runtime import ExecuTorchModel
+from pocketdiff.export.runtime import load_model
+
+FORMATS = {"xnnpack": "executorch", "onnx-int8": "onnx"}  # the export format each backend's int8 ships in
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
+    parser.add_argument("--backend", choices=list(FORMATS), default="xnnpack")
     parser.add_argument("--sample-steps", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--qat-steps", type=int, default=600)
@@ -47,15 +52,17 @@ def main() -> None:
     work, judge, model = Path(args.work), load_judge("default"), modelio.open_model(args.model)
     evaluation = EvaluateConfig(prompts=args.prompts, steps=[args.sample_steps], guidance=[args.guidance])
     key = f"validation/steps={args.sample_steps}/guidance={args.guidance:g}"
+    fmt, common = FORMATS[args.backend], {"backend": args.backend, "prompts": args.calibration_prompts}
     variants = {
-        "PTQ int8, linear": QuantizeConfig(layers="linear", keep=[], prompts=args.calibration_prompts),
-        "PTQ int8, conv+linear": QuantizeConfig(prompts=args.calibration_prompts),
-        "QAT int8, conv+linear": QuantizeConfig(qat_steps=args.qat_steps, lr=args.lr, checkpoint_every=100,
-                                                prompts=args.calibration_prompts),
+        "PTQ int8, linear": QuantizeConfig(layers="linear", keep=[], **common),
+        "PTQ int8, conv+linear": QuantizeConfig(**common),
+        "QAT int8, conv+linear": QuantizeConfig(qat_steps=args.qat_steps, lr=args.lr, checkpoint_every=100, **common),
     }
+    if fmt == "onnx":
+        del variants["PTQ int8, linear"]  # the row stands for ExecuTorch's own post-training int8 of a float model
     rows = {"fp32": {"folder": model.path}}
     for name, config in variants.items():
-        folder = work / f"{name.split()[0].lower()}-{config.layers.replace('+', '-')}"
+        folder = work / args.backend / f"{name.split()[0].lower()}-{config.layers.replace('+', '-')}"
         began = time.perf_counter()
         report = (json.loads((folder / "quantize_report.json").read_text()) if (folder / "quantize_report.json").exists()
                   else quantize(model, config, folder, log=print))
@@ -67,28 +74,28 @@ def main() -> None:
         pipe = modelio.load_pipeline(ref, quantized=True)
         row["scores"] = evaluate_model(pipe, judge, evaluation, seed=0, log=lambda _: None)[key]
         precision = "fp32" if name == "fp32" else "int8"
-        out = work / "exports" / name.replace(" ", "_").replace(",", "")
-        exported = export_model(ref, ExportConfig(to=["executorch"], precision=precision, components=["unet"]),
-                                out, log=lambda _: None)["executorch"]["components"]["unet"]
+        out = work / args.backend / "exports" / name.replace(" ", "_").replace(",", "")
+        exported = export_model(ref, ExportConfig(to=[fmt], precision=precision, components=["unet"]),
+                                out, log=lambda _: None)[fmt]["components"]["unet"]
         (unet,) = model_components(ref, modelio.load_pipeline(ref), ("unet",))
-        program = ExecuTorchModel(out / "executorch" / "unet" / "model.pte")
+        runtime = load_model(out / fmt / exported["file"])
         inputs = {k: v.numpy() for k, v in unet.inputs.items()}
-        row.update(pte_bytes=exported["bytes"], export_s=exported["export_seconds"],
-                   executorch_unet_s=median_seconds(lambda: program(inputs), args.repeats))
+        row.update(file_bytes=exported["bytes"], export_s=exported["export_seconds"], exported_rel=exported["rel"],
+                   unet_s=median_seconds(lambda: runtime(inputs), args.repeats))
         print(name, json.dumps({k: v for k, v in row.items() if k != "folder"}, default=str), flush=True)
 
     base = rows["fp32"]
     print(f"\n{args.prompts} validation prompts, {args.sample_steps} step(s), guidance {args.guidance:g}; "
-          f"ExecuTorch XNNPACK UNet at batch 2 on this host")
-    print("| model | prompt score | vs fp32 | Fréchet | retrieval | UNet rel. error | .pte MB | size ratio | "
-          "UNet ms | latency int8 ÷ fp32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{fmt} UNet (backend {args.backend}) at batch 2 on this host")
+    print("| model | prompt score | vs fp32 | Fréchet | retrieval | UNet rel. error (torch int8) | "
+          f"{fmt} rel. error | file MB | size ratio | UNet ms | latency int8 ÷ fp32 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         s = row["scores"]
         print(f"| {name} | {s['prompt_score']:.4f} | {s['prompt_score'] / base['scores']['prompt_score']:.3f} | "
               f"{s['frechet_distance']:.3f} | {s['retrieval_accuracy']:.3f} | {row.get('unet_relative_error', 0):.4f} | "
-              f"{row['pte_bytes'] / 1e6:.1f} | {row['pte_bytes'] / base['pte_bytes']:.3f} | "
-              f"{row['executorch_unet_s'] * 1e3:.1f} | {row['executorch_unet_s'] / base['executorch_unet_s']:.3f} |")
+              f"{row['exported_rel']:.4f} | {row['file_bytes'] / 1e6:.1f} | {row['file_bytes'] / base['file_bytes']:.3f} | "
+              f"{row['unet_s'] * 1e3:.1f} | {row['unet_s'] / base['unet_s']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
 

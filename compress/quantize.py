@@ -9,7 +9,8 @@ What a quantized folder holds: a stock diffusers pipeline whose UNet weights are
 float weights, which stock diffusers loads and runs in fp32, plus `unet/quantization.json` (the
 backend and its settings: data) and `unet/quantization.safetensors` (every observer's state: the
 ranges and scales). `load_quantized_unet` rebuilds the int8 graph from those for any input shape;
-the ExecuTorch export lowers that graph, so what was trained is what ships.
+the export for the backend's runtime (xnnpack: ExecuTorch; onnx-int8: ONNX QDQ for onnxruntime)
+lowers that graph, so what was trained is what ships.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
-from . import sensitivity, xnnpack_int8
+from . import pt2e_int8, sensitivity
 from .calibration import extra_conditions, record_unet_inputs
 
 SPEC_FILE = "quantization.json"
 STATE_FILE = "quantization.safetensors"
 Backend = Literal["xnnpack", "onnx-int8", "coreml-w8a8", "coreml-palette4", "brevitas-w4a8"]
-BUILT = {"xnnpack": xnnpack_int8}
+BUILT = tuple(pt2e_int8.SCHEMES)  # xnnpack: ExecuTorch; onnx-int8: onnxruntime (QDQ)
 ROOT = "unet"  # the float UNet's attribute in the traced wrapper: its parameters are `unet.<name>` in the graph
 
 
@@ -56,10 +57,9 @@ class QuantizeConfig(RunSettings):
     guidance: float = Field(7.5, ge=0)
 
 
-def _backend(name: str):
+def _check_backend(name: str) -> None:
     if name not in BUILT:
         raise UserError(f"quantization backend '{name}' is not built yet (built: {', '.join(BUILT)})")
-    return BUILT[name]
 
 
 def graph_inputs(sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None) -> tuple:
@@ -131,12 +131,12 @@ class QATLoss:
 
 def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
     return {"backend": config.backend, "layers": config.layers, "keep": keep, "qat": config.qat_steps > 0,
-            "scheme": "int8: per-channel symmetric weights, per-tensor affine activations"}
+            "scheme": pt2e_int8.describe(config.backend)}
 
 
 def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print) -> dict:
     """Quantize `ref`'s UNet for `config.backend`; write the quantized pipeline and `quantize_report.json` to `out`."""
-    backend = _backend(config.backend)
+    _check_backend(config.backend)
     if ref.kind != "pipeline" or ref.random_weights:
         raise UserError(f"{ref.path}: quantization needs a pipeline folder with weights (its trajectories calibrate)")
     out, began = Path(out), time.perf_counter()
@@ -154,14 +154,15 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     expected = _outputs(reference, check, size)
 
     errors = sensitivity.layer_errors(reference, [_args(c) for c in itertools.islice(_chunks(rows, size), 8)],
-                                      config.layers, config.keep)
+                                      config.layers, config.keep, pt2e_int8.SCHEMES[config.backend]["weight_qmax"])
     sensitive = sensitivity.most_sensitive(errors, config.keep_sensitive)
     if sensitive:
         log(f"kept fp32 as the most sensitive: {', '.join(sensitive)}")
     spec = _spec(config, config.keep + sensitive)
     student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
-    graph = backend.prepare(student, _args(next(_chunks(rows, size))), config.layers, spec["keep"], spec["qat"])
-    counts = backend.quantized_layers(graph)
+    graph = pt2e_int8.prepare(student, _args(next(_chunks(rows, size))), config.layers, spec["keep"], spec["qat"],
+                              config.backend)
+    counts = pt2e_int8.quantized_layers(graph)
     if not sum(counts.values()):
         raise UserError(f"{ref.path}: no {config.layers} layer is left to quantize outside {spec['keep']}")
     _outputs(graph, rows, size)  # calibration: every observer sees every recorded timestep
@@ -171,7 +172,7 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
         trainer = Trainer(graph, QATLoss(graph), lambda step: {k: v[pick(step)] for k, v in rows.items()},
                           config.train_config(config.qat_steps, config.lr), out, "qat", identity)
         trainer.run()
-    backend.freeze(graph)
+    pt2e_int8.freeze(graph)
     state = graph.state_dict()
     unet.load_state_dict({k[len(ROOT) + 1:]: v for k, v in state.items() if k.startswith(ROOT + ".")})
     modelio.save_pipeline_with(ref.path, out, "unet", unet)
@@ -246,15 +247,15 @@ class QuantizedUNet(torch.nn.Module):
 
 def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
     """The converted int8 graph of `unet` at `args`' shapes, its observers restored from `state`."""
-    backend = _backend(spec["backend"])
-    graph = backend.prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"])
+    _check_backend(spec["backend"])
+    graph = pt2e_int8.prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"], spec["backend"])
     expected = {k for k in graph.state_dict() if not k.startswith(ROOT + ".")}
     if expected != set(state):
         raise UserError(f"the saved quantization state does not fit this UNet's graph "
                         f"({len(expected ^ set(state))} entries differ); quantize the model again")
     graph.load_state_dict(state, strict=False)
-    backend.freeze(graph)
-    return backend.convert(graph)
+    pt2e_int8.freeze(graph)
+    return pt2e_int8.convert(graph)
 
 
 def load_quantized_unet(ref: modelio.ModelRef) -> QuantizedUNet | None:

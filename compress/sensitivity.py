@@ -2,9 +2,9 @@
 
 Mixed precision keeps a few layers in fp32; which ones is measured, not guessed. Each candidate
 layer's recorded inputs are fake-quantized as the backend would (per-tensor affine int8
-activations over their observed range, per-channel symmetric int8 weights) and its output
-compared with the float output: the relative squared error of that layer alone. One pass with
-hooks gives every layer's ranges, a second its error, so the cost is two forwards per batch.
+activations over their observed range, per-channel symmetric weights in the backend's range) and
+its output compared with the float output: the relative squared error of that layer alone. One
+pass with hooks gives every layer's ranges, a second its error, so the cost is two forwards per batch.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ def _candidates(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module
             and not any(name == k or name.startswith(k + ".") for k in keep)}
 
 
-def _int8_weight(weight: torch.Tensor) -> torch.Tensor:
+def _int8_weight(weight: torch.Tensor, qmax: int) -> torch.Tensor:
     flat = weight.detach().flatten(1).abs().amax(1).clamp(min=1e-8)
-    scale = (flat / 127).float()
+    scale = (flat / qmax).float()
     return torch.fake_quantize_per_channel_affine(weight.detach(), scale, torch.zeros_like(scale, dtype=torch.int32),
-                                                  0, -127, 127)
+                                                  0, -qmax, qmax)
 
 
 def _int8_activation(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _forward(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def layer_errors(model, batches: list[tuple], layers: str, keep: list[str]) -> dict[str, float]:
+def layer_errors(model, batches: list[tuple], layers: str, keep: list[str], weight_qmax: int) -> dict[str, float]:
     """Relative squared output error of each candidate layer quantized alone, over `batches` of inputs.
 
     `model` is the traced wrapper (`model.unet` the diffusers UNet, whose module names `keep` and
@@ -57,7 +57,8 @@ def layer_errors(model, batches: list[tuple], layers: str, keep: list[str]) -> d
 
     def measure(name):
         def hook(module, args, output):
-            quantized = _forward(module, _int8_activation(args[0], *ranges[name]), _int8_weight(module.weight))
+            weight = _int8_weight(module.weight, weight_qmax)
+            quantized = _forward(module, _int8_activation(args[0], *ranges[name]), weight)
             errors[name][0] += float((quantized - output).pow(2).sum())
             errors[name][1] += float(output.pow(2).sum())
         return hook

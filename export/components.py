@@ -8,6 +8,8 @@ Core ML's Swift contract differs and wraps these again (see `coreml.py`).
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -139,3 +141,15 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
     if unknown:
         raise UserError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(made)})")
     return [made[name]() for name in names]
+
+
+@contextmanager
+def quiet_tracing():
+    """Silence torch's own pytree deprecation notice, which tracing and lowering raise once per process.
+
+    Scoped to the exporters' calls: a process-wide filter set at import did not survive to the
+    export worker's later jobs.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield

@@ -28,9 +28,10 @@ import torch
 from ..apps import modelio
 from ..apps.errors import UserError
 from .clip_bpe import write_vocab_and_merges
-from .components import Component
+from .components import Component, quiet_tracing
 
 DEFAULT_PRECISION = "fp16"
+INT8_BACKEND = None  # Core ML's own int8 (coreml-w8a8) is not built: quantized models ship their float weights
 DYNAMIC_SHAPES = False
 RUNS_PIPELINE = False
 SWIFT_SCALE = 0.18215
@@ -151,13 +152,15 @@ def export_component(component: Component, folder: Path, precision: str, **_) ->
     resources.mkdir(parents=True, exist_ok=True)
     path = resources / f"{SWIFT_NAMES[component.name]}.mlpackage"
     try:
-        exported = _without_aliases(
-            torch.export.export(component.module, tuple(component.inputs.values())).run_decompositions({}))
-        model = ct.convert(
-            exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
-            inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32) for n, v in component.inputs.items()],
-            outputs=[ct.TensorType(name=n) for n in component.outputs],
-            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+        with quiet_tracing():
+            exported = _without_aliases(
+                torch.export.export(component.module, tuple(component.inputs.values())).run_decompositions({}))
+            model = ct.convert(
+                exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32)
+                        for n, v in component.inputs.items()],
+                outputs=[ct.TensorType(name=n) for n in component.outputs],
+                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
     except Exception as err:  # coremltools names the op it cannot convert; keep that line
         raise UserError(f"Core ML export of {component.name} failed: {(str(err).splitlines() or [repr(err)])[0]}") from None
     model.short_description = f"pocketdiff {component.name} ({precision}), apple/ml-stable-diffusion layout"

@@ -17,23 +17,20 @@ from __future__ import annotations
 
 import importlib
 import json
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..apps.errors import UserError
-from .components import Component
+from .components import Component, quiet_tracing
 from .exporter import write_optimum_layout
 from .runtime import ExecuTorchModel
-
-# ExecuTorch's lowering deep-copies torch pytree specs, which warns once per process about a deprecation not ours
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 FILE = "model.pte"
 DEFAULT_PRECISION = "fp32"
 DYNAMIC_SHAPES = False
+INT8_BACKEND = "xnnpack"  # the `pocketdiff quantize` backend whose saved int8 this format ships
 RUNS_PIPELINE = True
 PARTITIONERS = {
     "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner", "XnnpackPartitioner"),
@@ -46,6 +43,13 @@ PARTITIONERS = {
 def check_precision(precision: str) -> None:
     if precision not in ("fp32", "int8"):
         raise UserError(f"ExecuTorch export takes precision fp32 or int8, not {precision}")
+
+
+def check_int8(quantized_for: str | None) -> None:
+    """A float model gets post-training int8 of its linears here; a quantized one must be quantized for XNNPACK."""
+    if quantized_for not in (None, INT8_BACKEND):
+        raise UserError(f"this UNet was quantized for {quantized_for}, not for ExecuTorch's {INT8_BACKEND}; "
+                        f"quantize it with --backend {INT8_BACKEND}")
 
 
 def partitioner(name: str):
@@ -78,19 +82,18 @@ def quantize_int8(component: Component, calibration: list[tuple],
     convolutions go int8 through `pocketdiff quantize`, calibrated on hundreds of trajectories
     with the time embedding kept fp32, which keeps the judge's scores.
     """
-    from ..compress import xnnpack_int8
+    from ..compress import pt2e_int8
     from ..compress.quantize import build_int8
 
     examples = tuple(component.inputs.values())
     if quantization is not None:
-        if quantization[0]["backend"] != "xnnpack":
-            raise UserError(f"this UNet was quantized for {quantization[0]['backend']}, not for ExecuTorch's xnnpack")
+        check_int8(quantization[0]["backend"])
         return build_int8(component.module.unet, examples, *quantization)  # a 0-d timestep: the export's contract
-    prepared = xnnpack_int8.prepare(component.module, examples, "linear", [], qat=False)
+    prepared = pt2e_int8.prepare(component.module, examples, "linear", [], False, INT8_BACKEND)
     with torch.no_grad():
         for args in calibration or [examples]:
             prepared(*(_fit_batch(a, e) for a, e in zip(args, examples)))
-    return xnnpack_int8.convert(prepared)
+    return pt2e_int8.convert(prepared)
 
 
 def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
@@ -127,10 +130,10 @@ def export_component(component: Component, folder: Path, precision: str, backend
     args = tuple(component.inputs.values())
     module = quantize_int8(component, calibration, quantization) if precision == "int8" else component.module
     try:
-        with classic_attention(module):
+        with classic_attention(module), quiet_tracing():
             exported = torch.export.export(module, args)
-        program = to_edge_transform_and_lower(exported, partitioner=[partitioner(b) for b in backends])
-        buffer = program.to_executorch().buffer
+            program = to_edge_transform_and_lower(exported, partitioner=[partitioner(b) for b in backends])
+            buffer = program.to_executorch().buffer
     except UserError:
         raise
     except Exception as err:  # lowering errors name the op that failed; keep that line

@@ -95,16 +95,18 @@ def _int8_origin(quantization: tuple[dict, dict] | None) -> str:
 
 
 def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
-    """The asked precision, else the format's default; ExecuTorch ships a model's saved xnnpack int8 unasked."""
+    """The asked precision, else the format's default; a model quantized for the format's runtime ships int8 unasked."""
     from ..compress.quantize import SPEC_FILE
 
     module = _format_module(fmt)
     precision = config.precision or module.DEFAULT_PRECISION
     spec = ref.unet_path / SPEC_FILE
-    if config.precision is None and fmt == "executorch" and spec.exists() \
-            and json.loads(spec.read_text())["backend"] == "xnnpack":
+    quantized_for = json.loads(spec.read_text())["backend"] if spec.exists() else None
+    if config.precision is None and quantized_for is not None and quantized_for == module.INT8_BACKEND:
         precision = "int8"  # what `pocketdiff quantize` trained is what ships
     module.check_precision(precision)
+    if precision == "int8":
+        module.check_int8(quantized_for)
     return precision
 
 
@@ -114,13 +116,15 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
 
     module = _format_module(fmt)
     precision = precision_for(fmt, ref, config)
-    size = trace_latent_size(modelio.unet_config(ref)) if module.DYNAMIC_SHAPES else None
+    # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
+    own_precision = "fp32" if precision == "int8" and name != "unet" else precision
+    # a dynamic-shape trace needs a latent big enough not to specialise; an int8 graph is fixed at the model's own
+    dynamic = module.DYNAMIC_SHAPES and own_precision != "int8"
+    size = trace_latent_size(modelio.unet_config(ref)) if dynamic else None
     (component,) = model_components(ref, pipe, (name,), size)
     if hasattr(module, "adapt"):
         component = module.adapt(component, pipe, ref)
     began = time.perf_counter()
-    # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
-    own_precision = "fp32" if precision == "int8" and name != "unet" else precision
     quantization = read_quantization(ref) if name == "unet" else None
     extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
     if own_precision == "int8":

@@ -6,20 +6,22 @@ pipeline's `model_index.json`, `tokenizer/` and `scheduler/` copied unchanged, s
 `ORTDiffusionPipeline.from_pretrained(<out>)` and our torch-free `ExportedPipeline` both load it.
 Batch and spatial axes are dynamic (one file serves guidance on and off, any resolution); models
 over 2 GB keep their weights in `model.onnx.data`. fp16 stores weights and compute in half
-precision with fp32 inputs and outputs, so callers need not change.
+precision with fp32 inputs and outputs, so callers need not change. int8 is the UNet that
+`pocketdiff quantize --backend onnx-int8` trained, written as QuantizeLinear/DequantizeLinear
+pairs that onnxruntime fuses into its int8 kernels; like an ExecuTorch program, that graph has the
+fixed shapes it was traced at (batch 2, the model's latent size).
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from pathlib import Path
 
 import torch
 
 from ..apps.errors import UserError
-from .components import Component
+from .components import Component, quiet_tracing
 from .exporter import write_optimum_layout
 from .runtime import OnnxModel
 
@@ -33,13 +35,29 @@ def _param_bytes(module: torch.nn.Module) -> int:
 
 
 DEFAULT_PRECISION = "fp32"
-DYNAMIC_SHAPES = True  # one file for guidance on and off, any resolution
+DYNAMIC_SHAPES = True  # one file for guidance on and off, any resolution (int8: fixed, see above)
 RUNS_PIPELINE = True
+INT8_BACKEND = "onnx-int8"  # the `pocketdiff quantize` backend whose saved int8 this format ships
 
 
 def check_precision(precision: str) -> None:
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"ONNX export takes precision fp32 or fp16, not {precision} (int8 comes from the QAT stage)")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UserError(f"ONNX export takes precision fp32, fp16 or int8, not {precision}")
+
+
+def check_int8(quantized_for: str | None) -> None:
+    """ONNX int8 is only the UNet `pocketdiff quantize --backend onnx-int8` made: no silent post-training fallback."""
+    if quantized_for != INT8_BACKEND:
+        made = f"this UNet was quantized for {quantized_for}" if quantized_for else "this model is not quantized"
+        raise UserError(f"ONNX int8 ships the UNet `pocketdiff quantize --backend {INT8_BACKEND}` makes; {made}")
+
+
+def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> torch.nn.Module:
+    """The converted int8 graph saved with the model, at the component's example shapes."""
+    from ..compress.quantize import build_int8
+
+    check_int8(quantization[0]["backend"] if quantization else None)
+    return build_int8(component.module.unet, tuple(component.inputs.values()), *quantization)
 
 
 def load(path: Path):
@@ -65,18 +83,20 @@ def _dynamic_shapes(component: Component) -> dict:
     return shapes
 
 
-def export_component(component: Component, folder: Path, precision: str, **_) -> Path:
+def export_component(component: Component, folder: Path, precision: str,
+                     quantization: tuple[dict, dict] | None = None, **_) -> Path:
     """Write `<folder>/model.onnx` for one component; return its path."""
     check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE
-    dynamic = _dynamic_shapes(component)
+    int8 = precision == "int8"
+    module = _int8_unet(component, quantization) if int8 else component.module
+    dynamic = None if int8 else _dynamic_shapes(component)
     large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():  # torch's own pytree deprecation notice, once per component
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            torch.onnx.export(component.module, tuple(component.inputs.values()), str(path), dynamo=True,
+        with quiet_tracing():
+            torch.onnx.export(module, tuple(component.inputs.values()), str(path), dynamo=True,
                               opset_version=OPSET, input_names=list(component.inputs), output_names=component.outputs,
                               dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
     except Exception as err:  # the exporter's own errors name the failing op; keep that line
@@ -84,7 +104,8 @@ def export_component(component: Component, folder: Path, precision: str, **_) ->
     import onnx
 
     model = onnx.load(str(path), load_external_data=large)
-    _name_dynamic_axes(model, component)
+    if dynamic:
+        _name_dynamic_axes(model, component)
     if precision == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 

@@ -35,6 +35,9 @@ class OnnxModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.input_types = {i.name: i.type for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # a graph traced at fixed shapes (the int8 UNet) names them; the pipeline pads its batch to fit
+        self.static_shapes = {i.name: tuple(i.shape) for i in self.session.get_inputs()
+                              if all(isinstance(d, int) for d in i.shape)}
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {}
@@ -137,8 +140,8 @@ class ExportedPipeline:
                          for i, p in enumerate(prompts)])
 
     def _unet(self, sample: np.ndarray, t, context: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
-        """One UNet call; a program traced at a fixed batch (ExecuTorch) gets its batch by padding or splitting."""
-        fixed = getattr(self.unet, "static_shapes", {}).get("sample", (None,))[0]
+        """One UNet call; a graph traced at a fixed batch (ExecuTorch, int8 ONNX) gets its batch by padding or splitting."""
+        fixed = self.unet.static_shapes.get("sample", (None,))[0]
         if fixed is None or fixed == len(sample):
             inputs = {"sample": sample, "timestep": np.array(t, dtype=np.float32), "encoder_hidden_states": context}
             if cond is not None:

@@ -43,7 +43,7 @@ def test_unbuilt_quantization_backend_says_so_and_exits_2(tmp_path):
     result = subprocess.run(["pocketdiff", "quantize", "default", "--out", str(tmp_path / "q"), "--backend", "coreml-w8a8"],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: quantization backend 'coreml-w8a8' is not built yet (built: xnnpack)"
+    assert result.stderr.strip() == "error: quantization backend 'coreml-w8a8' is not built yet (built: xnnpack, onnx-int8)"
     assert not (tmp_path / "q").exists()
 
 

@@ -1,4 +1,4 @@
-"""Quantization: int8 for ExecuTorch's XNNPACK, post-training and trained against the fp32 UNet, saved and reloaded."""
+"""Quantization: int8 for ExecuTorch's XNNPACK and onnxruntime, post-training and trained against the fp32 UNet, saved and reloaded."""
 
 import json
 import shutil
@@ -154,6 +154,62 @@ def test_executorch_int8_export_ships_the_quantized_graph(ptq, tiny_pipeline, tm
     assert reports["onnx"]["image_psnr"] >= 40  # the float weights, matching PyTorch's float pipeline
     params = sum(p.numel() for p in modelio.load_unet(modelio.open_model(tiny_pipeline)).parameters())
     assert unet["bytes"] < 0.45 * 4 * params  # the convolutions went int8 too: the export's own int8 leaves them fp32
+
+
+def test_onnx_int8_export_runs_the_saved_qdq_graph_in_onnxruntime_int8_kernels(tiny_pipeline, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from pocketdiff.apps.demo import check_export
+    from pocketdiff.export.exporter import ExportConfig, export_model
+    from pocketdiff.export.parity import ParityThresholds
+    from pocketdiff.export.runtime import OnnxModel
+
+    folder = tmp_path / "q"
+    quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, backend="onnx-int8"), folder, log=lambda _: None)
+    assert "±63" in json.loads((folder / "unet" / "quantization.json").read_text())["scheme"]
+    config = ExportConfig(to=["onnx"], components=["text_encoder", "unet", "vae_decoder"], steps=2,
+                          thresholds=ParityThresholds(psnr_int8=20))  # random weights, as the ExecuTorch test
+    report = export_model(modelio.open_model(folder), config, tmp_path / "export", log=lambda _: None)["onnx"]
+    unet = report["components"]["unet"]
+    assert report["ok"] and report["image_psnr"] >= 20 and unet["precision"] == "int8"  # int8 unasked
+    assert unet["quantization"] == "saved: onnx-int8 int8, post-training, conv+linear"
+    assert report["components"]["text_encoder"]["precision"] == "fp32"
+
+    path = tmp_path / "export" / "onnx" / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 63  # 7-bit: no u8×s8 saturation on AVX2
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fused = {node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node}
+    assert {"QLinearConv", "QGemm"} <= fused  # onnxruntime runs the convolutions and linears as int8 kernels
+    assert OnnxModel(path).static_shapes["sample"] == (2, 4, 8, 8)  # traced at fixed shapes; the pipeline pads to them
+    with pytest.raises(UserError, match="traced at a fixed batch"):  # the browser demo feeds batch 1
+        check_export(tmp_path / "export")
+
+    # Unfused, QuantizeLinear/DequantizeLinear compute what torch's reference int8 graph computes: the file
+    # is the saved model (fused int8 kernels round differently, by about as much as int8 differs from fp32)
+    int8 = load_quantized_unet(modelio.open_model(folder))
+    inputs = unet_component(int8.unet, 8).inputs
+    with torch.no_grad():
+        torch_int8, float_out = int8(*inputs.values()).sample.numpy(), int8.unet(*inputs.values()).sample.numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (ours,) = unfused.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert np.linalg.norm(ours - torch_int8) < 0.01 * np.linalg.norm(float_out - torch_int8)
+
+
+def test_int8_exports_refuse_a_model_quantized_for_another_runtime(ptq, tmp_path):
+    from pocketdiff.export.exporter import ExportConfig, export_model
+
+    config = ExportConfig(to=["executorch", "onnx"], components=["unet"], precision="int8")
+    with pytest.raises(UserError, match="ONNX int8 ships .* this UNet was quantized for xnnpack"):
+        export_model(modelio.open_model(ptq[0]), config, tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before any work, the ExecuTorch export included
 
 
 def test_recipe_stage_hands_the_int8_model_to_the_next_stage(tiny_pipeline, tmp_path):

@@ -111,6 +111,7 @@ class ExportedPipeline:
         self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
         self.scaling = float(vae_config.get("scaling_factor", 0.18215))
         self.guidance_dim = unet_config.get("time_cond_proj_dim")  # a few-step student: guidance in its weights
+        self.unet_batch = self.unet.static_shapes.get("sample", (None,))[0]  # None: any batch
         known = ("sample", "timestep", "encoder_hidden_states") + (("timestep_cond",) if self.guidance_dim else ())
         extra = [n for n in self.unet.input_names if n not in known]
         if extra:
@@ -141,7 +142,7 @@ class ExportedPipeline:
 
     def _unet(self, sample: np.ndarray, t, context: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
         """One UNet call; a graph traced at a fixed batch (ExecuTorch, int8 ONNX) gets its batch by padding or splitting."""
-        fixed = self.unet.static_shapes.get("sample", (None,))[0]
+        fixed = self.unet_batch
         if fixed is None or fixed == len(sample):
             inputs = {"sample": sample, "timestep": np.array(t, dtype=np.float32), "encoder_hidden_states": context}
             if cond is not None:

@@ -420,17 +420,18 @@ def steps_(model: ModelArg,
 def quantize(model: ModelArg,
              out: Annotated[Path, typer.Option(help="Folder for the quantized pipeline, its log and checkpoints.")],
              backend: Annotated[str, typer.Option(
-                 help="xnnpack (ExecuTorch), onnx-int8 (onnxruntime QDQ); coreml-w8a8, coreml-palette4, brevitas-w4a8: not built yet.")] = "xnnpack",
+                 help="xnnpack (ExecuTorch), onnx-int8 (onnxruntime QDQ), coreml-w8a8, coreml-palette4, coreml-palette6 "
+                      "(Core ML); brevitas-w4a8: not built yet.")] = "xnnpack",
              qat_steps: Annotated[int, typer.Option(help="Quantization-aware training steps; 0: post-training only.")] = 0,
              layers: Annotated[str, typer.Option(help="conv+linear or linear.")] = "conv+linear",
              keep: Annotated[str, typer.Option(help="Comma-separated UNet modules kept fp32.")] = "conv_in,conv_out,time_embedding",
              keep_sensitive: Annotated[int, typer.Option(
-                 help="Also keep fp32 the N layers int8 hurts most (measured one by one).")] = 0,
+                 help="Also keep fp32 the N layers quantization hurts most (measured one by one).")] = 0,
              batch: int = 8, lr: float = 1e-5,
              prompts: Annotated[int, typer.Option(help="Training captions whose trajectories calibrate and train.")] = 64,
              sampling_steps: Annotated[int, typer.Option(help="Steps of each recorded trajectory.")] = 4,
              guidance: float = 7.5, checkpoint_every: int = 100, seed: int = 0):
-    """int8 UNet for an export target, calibrated on MODEL's own trajectories, optionally trained (QAT). Resumes."""
+    """int8 or palettized UNet for an export target, calibrated on MODEL's own trajectories, optionally trained (QAT). Resumes."""
     from pydantic import ValidationError
 
     from ..compress.quantize import QuantizeConfig, quantize as run_quantize
@@ -444,10 +445,13 @@ def quantize(model: ModelArg,
         raise UserError(f"quantize: {_first_error(err)}") from None
     report = run_quantize(_open(model), config, out, log=console.print)
     console.print(f"quantized pipeline: {out}  (UNet relative error {report['unet_relative_error']:.4f}; "
-                  f"{SHIPS_INT8[config.backend]} exports ship it as int8; report: {out / 'quantize_report.json'})")
+                  f"{SHIPS[config.backend]}; report: {out / 'quantize_report.json'})")
 
 
-SHIPS_INT8 = {"xnnpack": "ExecuTorch", "onnx-int8": "ONNX"}  # the export format each built backend is for
+SHIPS = {"xnnpack": "ExecuTorch exports ship it as int8", "onnx-int8": "ONNX exports ship it as int8",
+         "coreml-w8a8": "Core ML exports ship it as int8",
+         "coreml-palette4": "Core ML exports ship it as 4-bit look-up tables",
+         "coreml-palette6": "Core ML exports ship it as 6-bit look-up tables"}  # what each built backend is for
 
 
 def _first_error(err) -> str:

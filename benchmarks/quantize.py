@@ -1,24 +1,29 @@
-"""int8 for one export target: fp32 vs post-training vs quantization-aware training, judged, sized and timed in one run.
+"""Quantization for one export target: fp32 vs post-training vs quantization-aware training, judged, sized and timed in one run.
 
-    python benchmarks/quantize.py --model STUDENT [--backend xnnpack|onnx-int8] [--sample-steps 1]
+    python benchmarks/quantize.py --model STUDENT [--backend xnnpack|onnx-int8|coreml-w8a8|coreml-palette4|coreml-palette6]
+                                  [--sample-steps 1]
                                   [--qat-steps 600] [--lr 1e-5] [--prompts 256] [--calibration-prompts 256]
                                   [--work quantize-bench] [--json F]
 
 Rows: the fp32 model; for ExecuTorch, post-training int8 of the linear layers alone (what `export
 --precision int8` does to a float model); post-training int8 of convolutions and linears; the same
-after QAT. Each int8 model is the one `pocketdiff quantize --backend B` writes, judged through its
-int8 graph (torch's reference int8 ops) on the same validation prompts and seeds: prompt score ↑
-(and as a share of fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to the
-backend's format (xnnpack: ExecuTorch; onnx-int8: ONNX), UNet only, checked against fp32 PyTorch
-(relative error of the exported file's output), and timed in that format's runtime on this host at
-the export's batch (2): median of `--repeats` runs after a warm-up, beside the fp32 file's, with
-file sizes. Quantized folders in `--work` are reused, so a rerun only evaluates and times.
+after QAT (palettes: post-training tables, then trained tables). Each quantized model is the one
+`pocketdiff quantize --backend B` writes, judged through its int8 graph (torch's reference int8
+ops; a palette is its float weights) on the same validation prompts and seeds: prompt score ↑ (and
+as a share of fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to the backend's
+format (xnnpack: ExecuTorch; onnx-int8: ONNX; coreml-*: Core ML, whose float row is its default
+fp16), UNet only, as that format ships it, checked against fp32 PyTorch (relative error of the
+exported file's output) and timed in that format's runtime on this host at the export's batch:
+median of `--repeats` runs after a warm-up, beside the float file's, with file sizes. Core ML runs
+only on macOS: elsewhere its rows have sizes and no error or time. Quantized folders in `--work`
+are reused, so a rerun only evaluates and times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -31,7 +36,8 @@ from pocketdiff.export.components import model_components
 from pocketdiff.export.exporter import ExportConfig, export_model
 from pocketdiff.export.runtime import load_model
 
-FORMATS = {"xnnpack": "executorch", "onnx-int8": "onnx"}  # the export format each backend's int8 ships in
+FORMATS = {"xnnpack": "executorch", "onnx-int8": "onnx", "coreml-w8a8": "coreml", "coreml-palette4": "coreml",
+           "coreml-palette6": "coreml"}  # the export format each backend ships in
 
 
 def main() -> None:
@@ -53,13 +59,14 @@ def main() -> None:
     evaluation = EvaluateConfig(prompts=args.prompts, steps=[args.sample_steps], guidance=[args.guidance])
     key = f"validation/steps={args.sample_steps}/guidance={args.guidance:g}"
     fmt, common = FORMATS[args.backend], {"backend": args.backend, "prompts": args.calibration_prompts}
+    kind = f"{args.backend.removeprefix('coreml-')}" if "palette" in args.backend else "int8"
     variants = {
-        "PTQ int8, linear": QuantizeConfig(layers="linear", keep=[], **common),
-        "PTQ int8, conv+linear": QuantizeConfig(**common),
-        "QAT int8, conv+linear": QuantizeConfig(qat_steps=args.qat_steps, lr=args.lr, checkpoint_every=100, **common),
+        f"PTQ {kind}, linear": QuantizeConfig(layers="linear", keep=[], **common),
+        f"PTQ {kind}, conv+linear": QuantizeConfig(**common),
+        f"QAT {kind}, conv+linear": QuantizeConfig(qat_steps=args.qat_steps, lr=args.lr, checkpoint_every=100, **common),
     }
-    if fmt == "onnx":
-        del variants["PTQ int8, linear"]  # the row stands for ExecuTorch's own post-training int8 of a float model
+    if fmt != "executorch":
+        del variants[f"PTQ {kind}, linear"]  # the row stands for ExecuTorch's own post-training int8 of a float model
     rows = {"fp32": {"folder": model.path}}
     for name, config in variants.items():
         folder = work / args.backend / f"{name.split()[0].lower()}-{config.layers.replace('+', '-')}"
@@ -73,29 +80,35 @@ def main() -> None:
         ref = modelio.open_model(row["folder"])
         pipe = modelio.load_pipeline(ref, quantized=True)
         row["scores"] = evaluate_model(pipe, judge, evaluation, seed=0, log=lambda _: None)[key]
-        precision = "fp32" if name == "fp32" else "int8"
         out = work / args.backend / "exports" / name.replace(" ", "_").replace(",", "")
-        exported = export_model(ref, ExportConfig(to=[fmt], precision=precision, components=["unet"]),
+        exported = export_model(ref, ExportConfig(to=[fmt], components=["unet"]),  # as the format ships it
                                 out, log=lambda _: None)[fmt]["components"]["unet"]
-        (unet,) = model_components(ref, modelio.load_pipeline(ref), ("unet",))
-        runtime = load_model(out / fmt / exported["file"])
-        inputs = {k: v.numpy() for k, v in unet.inputs.items()}
-        row.update(file_bytes=exported["bytes"], export_s=exported["export_seconds"], exported_rel=exported["rel"],
-                   unet_s=median_seconds(lambda: runtime(inputs), args.repeats))
+        row.update(file_bytes=exported["bytes"], export_s=exported["export_seconds"], exported_rel=exported.get("rel"),
+                   precision=exported["precision"], unet_s=None)
+        if fmt != "coreml" or platform.system() == "Darwin":
+            (unet,) = model_components(ref, modelio.load_pipeline(ref), ("unet",))
+            runtime = load_model(out / fmt / exported["file"])
+            inputs = {k: v.numpy() for k, v in unet.inputs.items()}
+            row["unet_s"] = median_seconds(lambda: runtime(inputs), args.repeats)
         print(name, json.dumps({k: v for k, v in row.items() if k != "folder"}, default=str), flush=True)
 
     base = rows["fp32"]
     print(f"\n{args.prompts} validation prompts, {args.sample_steps} step(s), guidance {args.guidance:g}; "
-          f"{fmt} UNet (backend {args.backend}) at batch 2 on this host")
-    print("| model | prompt score | vs fp32 | Fréchet | retrieval | UNet rel. error (torch int8) | "
-          f"{fmt} rel. error | file MB | size ratio | UNet ms | latency int8 ÷ fp32 |")
+          f"{fmt} UNet (backend {args.backend}) on this host")
+    print("| model (exported as) | prompt score | vs fp32 | Fréchet | retrieval | UNet rel. error (in torch) | "
+          f"{fmt} rel. error | file MB | size ratio | UNet ms | latency ÷ float |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    def figure(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
     for name, row in rows.items():
-        s = row["scores"]
-        print(f"| {name} | {s['prompt_score']:.4f} | {s['prompt_score'] / base['scores']['prompt_score']:.3f} | "
-              f"{s['frechet_distance']:.3f} | {s['retrieval_accuracy']:.3f} | {row.get('unet_relative_error', 0):.4f} | "
-              f"{row['exported_rel']:.4f} | {row['file_bytes'] / 1e6:.1f} | {row['file_bytes'] / base['file_bytes']:.3f} | "
-              f"{row['unet_s'] * 1e3:.1f} | {row['unet_s'] / base['unet_s']:.3f} |")
+        s, timed = row["scores"], row["unet_s"] is not None
+        print(f"| {name} ({row['precision']}) | {s['prompt_score']:.4f} | "
+              f"{s['prompt_score'] / base['scores']['prompt_score']:.3f} | {s['frechet_distance']:.3f} | "
+              f"{s['retrieval_accuracy']:.3f} | {row.get('unet_relative_error', 0):.4f} | {figure(row['exported_rel'], '.4f')} | "
+              f"{row['file_bytes'] / 1e6:.1f} | {row['file_bytes'] / base['file_bytes']:.3f} | "
+              f"{figure(row['unet_s'] * 1e3 if timed else None, '.1f')} | "
+              f"{figure(row['unet_s'] / base['unet_s'] if timed else None, '.3f')} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2, default=str))
 

@@ -1,16 +1,18 @@
 """int8 by torchao's PT2E, the graph every int8 export lowers: one flow, a scheme per target runtime.
 
-Per-channel symmetric int8 weights, per-tensor affine int8 activations. The graph is
+Per-channel symmetric int8 weights, per-tensor int8 activations. The graph is
 `torch.export`ed, annotated (`prepare_pt2e` for post-training calibration, `prepare_qat_pt2e` for
 fake-quantized training), then `convert_pt2e` turns it into quantize/dequantize pairs: XNNPACK's
 partitioner fuses them into int8 kernels (ExecuTorch), and the ONNX exporter writes them as
-QuantizeLinear/DequantizeLinear that onnxruntime fuses into QLinearConv / QGemm. Only the op types
+QuantizeLinear/DequantizeLinear that onnxruntime fuses into QLinearConv / QGemm, and coremltools
+into `constexpr_affine_dequantize` weights and quantize/dequantize activations. Only the op types
 asked for are annotated, and nodes inside the kept modules are not: diffusion UNets lose most
 under int8 at their input and output convolutions and time embedding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import torch
@@ -19,8 +21,11 @@ import torch
 # int16 (VPMADDUBSW), which saturates with 8-bit weights; its own quantizer's answer is 7-bit
 # weights (`reduce_range`). Measured on the quickstart's student: with ±127 weights torch's int8
 # graph was 0.022 from fp32 (relative) and onnxruntime ran it at 0.074; with ±63, 0.023 and 0.024.
-SCHEMES = {"xnnpack": {"weight_qmin": -127, "weight_qmax": 127},
-           "onnx-int8": {"weight_qmin": -63, "weight_qmax": 63}}
+# Core ML's int8 activations (W8A8, the Neural Engine's int8 path from A17 Pro / M4) are symmetric:
+# coremltools' own activation quantizer offers only linear_symmetric.
+SCHEMES = {"xnnpack": {"weight_qmin": -127, "weight_qmax": 127, "activations": "affine"},
+           "onnx-int8": {"weight_qmin": -63, "weight_qmax": 63, "activations": "affine"},
+           "coreml-w8a8": {"weight_qmin": -127, "weight_qmax": 127, "activations": "symmetric"}}
 OPS = {"linear": (torch.ops.aten.linear.default,),
        "conv+linear": (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)}
 
@@ -43,8 +48,9 @@ def _outside(keep: list[str], root: str):
 
 
 def describe(scheme: str) -> str:
-    weights = SCHEMES[scheme]["weight_qmax"]
-    return f"int8: per-channel symmetric weights in ±{weights}, per-tensor affine activations"
+    chosen = SCHEMES[scheme]
+    return (f"int8: per-channel symmetric weights in ±{chosen['weight_qmax']}, "
+            f"per-tensor {chosen['activations']} activations")
 
 
 def quantizer(layers: str, keep: list[str], qat: bool, scheme: str, root: str = "unet"):
@@ -54,7 +60,12 @@ def quantizer(layers: str, keep: list[str], qat: bool, scheme: str, root: str = 
         get_symmetric_quantization_config,
     )
 
-    config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, **SCHEMES[scheme])
+    chosen_scheme = SCHEMES[scheme]
+    config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=chosen_scheme["weight_qmin"],
+                                               weight_qmax=chosen_scheme["weight_qmax"])
+    if chosen_scheme["activations"] == "symmetric":
+        activation = dataclasses.replace(config.input_activation, qscheme=torch.per_tensor_symmetric)
+        config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
     chosen = XNNPACKQuantizer()
     for op in OPS[layers]:
         chosen.set_operator_type(op, config)

@@ -7,10 +7,12 @@ distillation from the full-precision model (Intel's QAT + distillation recipe fo
 
 What a quantized folder holds: a stock diffusers pipeline whose UNet weights are the (QAT-trained)
 float weights, which stock diffusers loads and runs in fp32, plus `unet/quantization.json` (the
-backend and its settings: data) and `unet/quantization.safetensors` (every observer's state: the
-ranges and scales). `load_quantized_unet` rebuilds the int8 graph from those for any input shape;
-the export for the backend's runtime (xnnpack: ExecuTorch; onnx-int8: ONNX QDQ for onnxruntime)
-lowers that graph, so what was trained is what ships.
+backend and its settings: data). int8 backends add `unet/quantization.safetensors` (every
+observer's state: the ranges and scales); `load_quantized_unet` rebuilds the int8 graph from those
+for any input shape, and the export for the backend's runtime (xnnpack: ExecuTorch; onnx-int8:
+ONNX QDQ for onnxruntime; coreml-w8a8: Core ML) lowers that graph, so what was trained is what
+ships. Palettized backends (coreml-palette4/6) are weight-only: the saved float weights are the
+tables' values, the model itself, and the Core ML export packs them into look-up tables.
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
-from . import pt2e_int8, sensitivity
+from . import palettize, pt2e_int8, sensitivity
 from .calibration import extra_conditions, record_unet_inputs
 
 SPEC_FILE = "quantization.json"
 STATE_FILE = "quantization.safetensors"
-Backend = Literal["xnnpack", "onnx-int8", "coreml-w8a8", "coreml-palette4", "brevitas-w4a8"]
-BUILT = tuple(pt2e_int8.SCHEMES)  # xnnpack: ExecuTorch; onnx-int8: onnxruntime (QDQ)
+Backend = Literal["xnnpack", "onnx-int8", "coreml-w8a8", "coreml-palette4", "coreml-palette6", "brevitas-w4a8"]
+PALETTES = {"coreml-palette4": 4, "coreml-palette6": 6}  # bits per weight: a table of 2**bits values per layer
+BUILT = tuple(pt2e_int8.SCHEMES) + tuple(PALETTES)
 ROOT = "unet"  # the float UNet's attribute in the traced wrapper: its parameters are `unet.<name>` in the graph
 
 
@@ -60,6 +63,11 @@ class QuantizeConfig(RunSettings):
 def _check_backend(name: str) -> None:
     if name not in BUILT:
         raise UserError(f"quantization backend '{name}' is not built yet (built: {', '.join(BUILT)})")
+
+
+def scheme(backend: str) -> dict:
+    """The backend's numerics as data: int8 ranges (pt2e_int8.SCHEMES) or a palette's bits."""
+    return {"bits": PALETTES[backend]} if backend in PALETTES else pt2e_int8.SCHEMES[backend]
 
 
 def graph_inputs(sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None) -> tuple:
@@ -130,8 +138,45 @@ class QATLoss:
 
 
 def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
-    return {"backend": config.backend, "layers": config.layers, "keep": keep, "qat": config.qat_steps > 0,
-            "scheme": pt2e_int8.describe(config.backend)}
+    spec = {"backend": config.backend, "layers": config.layers, "keep": keep, "qat": config.qat_steps > 0}
+    if config.backend in PALETTES:
+        bits = PALETTES[config.backend]
+        return spec | {"bits": bits, "scheme": f"{bits}-bit weights: a {2 ** bits}-value table per layer, fp16 activations"}
+    return spec | {"scheme": pt2e_int8.describe(config.backend)}
+
+
+def _layer_counts(unet, names: list[str]) -> dict[str, int]:
+    linear = sum(isinstance(unet.get_submodule(name), torch.nn.Linear) for name in names)
+    return {"linear": linear, "conv": len(names) - linear}
+
+
+def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tuple[torch.nn.Module, dict[str, int]]:
+    """The model QAT trains (post-training quantization stops here) and how many layers it quantizes.
+
+    int8: a copy's PT2E graph with observers, calibrated on every recorded timestep; palettes: a
+    copy whose chosen layers' weights are k-means tables (fitted from the weights alone)."""
+    if spec["backend"] in PALETTES:
+        student = traced(copy.deepcopy(unet))
+        return student, _layer_counts(unet, palettize.palettize_(student.unet, spec["layers"], spec["keep"], spec["bits"]))
+    student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
+    graph = pt2e_int8.prepare(student, _args(next(_chunks(rows, size))), spec["layers"], spec["keep"], spec["qat"],
+                              spec["backend"])
+    _outputs(graph, rows, size)  # calibration: every observer sees every recorded timestep
+    return graph, pt2e_int8.quantized_layers(graph)
+
+
+def _save(model: torch.nn.Module, unet, spec: dict, source: Path, out: Path) -> None:
+    """The pipeline with the quantized UNet's float weights, its spec and (int8) its observer state."""
+    if spec["backend"] in PALETTES:
+        palettize.finalize_(model.unet)
+        modelio.save_pipeline_with(source, out, "unet", model.unet)
+    else:
+        pt2e_int8.freeze(model)
+        state = model.state_dict()
+        unet.load_state_dict({k[len(ROOT) + 1:]: v for k, v in state.items() if k.startswith(ROOT + ".")})
+        modelio.save_pipeline_with(source, out, "unet", unet)
+        save_file(unshared({k: v for k, v in state.items() if not k.startswith(ROOT + ".")}), out / "unet" / STATE_FILE)
+    (out / "unet" / SPEC_FILE).write_text(json.dumps(spec, indent=2))
 
 
 def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print) -> dict:
@@ -154,33 +199,26 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     expected = _outputs(reference, check, size)
 
     errors = sensitivity.layer_errors(reference, [_args(c) for c in itertools.islice(_chunks(rows, size), 8)],
-                                      config.layers, config.keep, pt2e_int8.SCHEMES[config.backend]["weight_qmax"])
+                                      config.layers, config.keep, scheme(config.backend))
     sensitive = sensitivity.most_sensitive(errors, config.keep_sensitive)
     if sensitive:
         log(f"kept fp32 as the most sensitive: {', '.join(sensitive)}")
     spec = _spec(config, config.keep + sensitive)
-    student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
-    graph = pt2e_int8.prepare(student, _args(next(_chunks(rows, size))), config.layers, spec["keep"], spec["qat"],
-                              config.backend)
-    counts = pt2e_int8.quantized_layers(graph)
+    model, counts = _prepare(unet, spec, rows, size)
     if not sum(counts.values()):
         raise UserError(f"{ref.path}: no {config.layers} layer is left to quantize outside {spec['keep']}")
-    _outputs(graph, rows, size)  # calibration: every observer sees every recorded timestep
     if spec["qat"]:
         pick = epoch_batches(rows["sample"].shape[0], size, config.seed)
         identity = {"model": hash_model_folder(ref.path), "config": config.model_dump()}
-        trainer = Trainer(graph, QATLoss(graph), lambda step: {k: v[pick(step)] for k, v in rows.items()},
+        trainer = Trainer(model, QATLoss(model), lambda step: {k: v[pick(step)] for k, v in rows.items()},
                           config.train_config(config.qat_steps, config.lr), out, "qat", identity)
         trainer.run()
-    pt2e_int8.freeze(graph)
-    state = graph.state_dict()
-    unet.load_state_dict({k[len(ROOT) + 1:]: v for k, v in state.items() if k.startswith(ROOT + ".")})
-    modelio.save_pipeline_with(ref.path, out, "unet", unet)
-    save_file(unshared({k: v for k, v in state.items() if not k.startswith(ROOT + ".")}), out / "unet" / STATE_FILE)
-    (out / "unet" / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    _save(model, unet, spec, ref.path, out)
 
-    int8 = load_quantized_unet(modelio.open_model(out))
-    measured = _outputs(lambda *args: int8.graph_for(args)(*args), check, size)
+    saved = modelio.open_model(out)
+    int8 = load_quantized_unet(saved)
+    run = traced(modelio.load_unet(saved)) if int8 is None else (lambda *args: int8.graph_for(args)(*args))
+    measured = _outputs(run, check, size)
     report = {"model": str(ref.path.resolve()), "config": config.model_dump(), "spec": spec,
               "quantized_layers": counts, "calibration_samples": int(rows["sample"].shape[0]),
               "most_sensitive_layers": {name: errors[name] for name in sensitivity.most_sensitive(errors, 10)},
@@ -190,19 +228,22 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     if spec["qat"]:
         report["final"] = last_logged(out / "log.csv")
     (out / "quantize_report.json").write_text(json.dumps(report, indent=2))
-    log(f"{config.backend} int8 ({'QAT' if spec['qat'] else 'PTQ'}): {counts['linear']} linear + {counts['conv']} conv "
-        f"layers, UNet relative error {report['unet_relative_error']:.4f} on held-out trajectories")
+    log(f"{config.backend} ({'QAT' if spec['qat'] else 'PTQ'}, {spec['scheme']}): {counts['linear']} linear + "
+        f"{counts['conv']} conv layers, UNet relative error {report['unet_relative_error']:.4f} on held-out trajectories")
     return report
 
 
 def read_quantization(ref: modelio.ModelRef) -> tuple[dict, dict] | None:
-    """(spec, observer state) of a quantized folder, or None for a float one."""
+    """(spec, observer state) of a quantized folder, or None for a float one; a palette has no state."""
     folder = ref.unet_path
     if not (folder / SPEC_FILE).exists():
         return None
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    if spec["backend"] in PALETTES:
+        return spec, {}
     if not (folder / STATE_FILE).exists():
         raise UserError(f"{folder}: {SPEC_FILE} without {STATE_FILE}; quantize the model again")
-    return json.loads((folder / SPEC_FILE).read_text()), load_file(folder / STATE_FILE)
+    return spec, load_file(folder / STATE_FILE)
 
 
 class QuantizedUNet(torch.nn.Module):
@@ -259,5 +300,6 @@ def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
 
 
 def load_quantized_unet(ref: modelio.ModelRef) -> QuantizedUNet | None:
+    """The int8 UNet of an int8-quantized folder; None for a float or palettized one (its float UNet is the model)."""
     found = read_quantization(ref)
-    return None if found is None else QuantizedUNet(modelio.load_unet(ref), *found)
+    return None if found is None or found[0]["backend"] in PALETTES else QuantizedUNet(modelio.load_unet(ref), *found)

@@ -1,10 +1,11 @@
-"""Which layers int8 hurts most: each one quantized alone, on the inputs it really meets.
+"""Which layers quantization hurts most: each one quantized alone, on the inputs it really meets.
 
 Mixed precision keeps a few layers in fp32; which ones is measured, not guessed. Each candidate
-layer's recorded inputs are fake-quantized as the backend would (per-tensor affine int8
-activations over their observed range, per-channel symmetric weights in the backend's range) and
-its output compared with the float output: the relative squared error of that layer alone. One
-pass with hooks gives every layer's ranges, a second its error, so the cost is two forwards per batch.
+layer's recorded inputs are fake-quantized as the backend would (int8: per-tensor activations over
+their observed range, affine or symmetric, and per-channel symmetric weights in the backend's
+range; palettization: the layer's k-means table, activations untouched) and its output compared
+with the float output: the relative squared error of that layer alone. One pass with hooks gives
+every layer's ranges, a second its error, so the cost is two forwards per batch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 KINDS = {"linear": (torch.nn.Linear,), "conv+linear": (torch.nn.Linear, torch.nn.Conv2d)}
 
 
-def _candidates(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module]:
+def candidates(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in unet.named_modules() if isinstance(module, KINDS[layers])
             and not any(name == k or name.startswith(k + ".") for k in keep)}
 
@@ -26,8 +27,24 @@ def _int8_weight(weight: torch.Tensor, qmax: int) -> torch.Tensor:
                                                   0, -qmax, qmax)
 
 
-def _int8_activation(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    low, high = min(low, 0.0), max(high, 0.0)  # the range holds zero, as the observers' does
+def _weight(weight: torch.Tensor, scheme: dict) -> torch.Tensor:
+    if "bits" in scheme:
+        from .palettize import fit
+
+        table, index = fit(weight, scheme["bits"])
+        return table[index].reshape(weight.shape).to(weight.dtype)
+    return _int8_weight(weight, scheme["weight_qmax"])
+
+
+def _activation(x: torch.Tensor, low: float, high: float, scheme: dict) -> torch.Tensor:
+    """int8 over the observed range (which holds zero, as the observers' does); weight-only schemes leave x."""
+    kind = scheme.get("activations")
+    if kind is None:
+        return x
+    if kind == "symmetric":
+        scale = max(max(-low, high) / 127.5, 1e-8)
+        return torch.fake_quantize_per_tensor_affine(x, scale, 0, -128, 127)
+    low, high = min(low, 0.0), max(high, 0.0)
     scale = max((high - low) / 255, 1e-8)
     zero_point = int(round(-low / scale)) - 128
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
@@ -40,14 +57,16 @@ def _forward(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def layer_errors(model, batches: list[tuple], layers: str, keep: list[str], weight_qmax: int) -> dict[str, float]:
+def layer_errors(model, batches: list[tuple], layers: str, keep: list[str], scheme: dict) -> dict[str, float]:
     """Relative squared output error of each candidate layer quantized alone, over `batches` of inputs.
 
     `model` is the traced wrapper (`model.unet` the diffusers UNet, whose module names `keep` and
-    the result use); `batches` are its positional inputs."""
-    candidates = _candidates(model.unet, layers, keep)
-    ranges = {name: [float("inf"), float("-inf")] for name in candidates}
-    errors = {name: [0.0, 0.0] for name in candidates}
+    the result use); `batches` are its positional inputs; `scheme` the backend's (`int8_scheme` or
+    `palette_scheme` of compress.quantize)."""
+    chosen = candidates(model.unet, layers, keep)
+    ranges = {name: [float("inf"), float("-inf")] for name in chosen}
+    errors = {name: [0.0, 0.0] for name in chosen}
+    weights = {name: _weight(module.weight, scheme) for name, module in chosen.items()}
 
     def observe(name):
         def hook(_module, args, _output):
@@ -57,14 +76,13 @@ def layer_errors(model, batches: list[tuple], layers: str, keep: list[str], weig
 
     def measure(name):
         def hook(module, args, output):
-            weight = _int8_weight(module.weight, weight_qmax)
-            quantized = _forward(module, _int8_activation(args[0], *ranges[name]), weight)
+            quantized = _forward(module, _activation(args[0], *ranges[name], scheme), weights[name])
             errors[name][0] += float((quantized - output).pow(2).sum())
             errors[name][1] += float(output.pow(2).sum())
         return hook
 
     for make in (observe, measure):
-        handles = [module.register_forward_hook(make(name)) for name, module in candidates.items()]
+        handles = [module.register_forward_hook(make(name)) for name, module in chosen.items()]
         try:
             for args in batches:
                 model(*args)

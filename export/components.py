@@ -153,3 +153,18 @@ def quiet_tracing():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         yield
+
+
+def require_saved_int8(fmt: str, backend: str, quantized_for: str | None) -> None:
+    """int8 in `fmt` is only the UNet `pocketdiff quantize --backend <backend>` made: no silent post-training fallback."""
+    if quantized_for != backend:
+        made = f"this UNet was quantized for {quantized_for}" if quantized_for else "this model is not quantized"
+        raise UserError(f"{fmt} int8 ships the UNet `pocketdiff quantize --backend {backend}` makes; {made}")
+
+
+def saved_int8_unet(fmt: str, backend: str, unet, args: tuple, quantization: tuple[dict, dict] | None):
+    """The converted int8 graph saved with the model, at `args`' shapes."""
+    from ..compress.quantize import build_int8
+
+    require_saved_int8(fmt, backend, quantization[0]["backend"] if quantization else None)
+    return build_int8(unet, args, *quantization)

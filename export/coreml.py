@@ -10,6 +10,11 @@ Apple's converter this one takes mid-block-less UNets (BK-SDM small/tiny) and ke
 student's guidance embedding as a `timestep_cond` input. Swift scales latents by SD's 0.18215;
 our VAE wrappers fold in the model's own scaling factor, so any VAE works unchanged.
 
+A UNet quantized by `pocketdiff quantize` ships as trained: coreml-w8a8 as its int8 graph
+(int8 weights in `constexpr_affine_dequantize`, int8 activations as quantize/dequantize pairs,
+iOS 17), coreml-palette4/6 as look-up tables (`constexpr_lut_to_dense`) rebuilt losslessly from
+each layer's distinct weight values.
+
 Core ML runs only on macOS: elsewhere each package is checked structurally (its spec's I/O, op
 census, weight dtype, size); on macOS also numerically against PyTorch.
 """
@@ -28,10 +33,11 @@ import torch
 from ..apps import modelio
 from ..apps.errors import UserError
 from .clip_bpe import write_vocab_and_merges
-from .components import Component, quiet_tracing
+from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
 
 DEFAULT_PRECISION = "fp16"
-INT8_BACKEND = None  # Core ML's own int8 (coreml-w8a8) is not built: quantized models ship their float weights
+INT8_BACKEND = "coreml-w8a8"  # the `pocketdiff quantize` backend whose saved int8 this format ships
+PALETTIZES = True  # a palettized UNet ships as look-up tables
 DYNAMIC_SHAPES = False
 RUNS_PIPELINE = False
 SWIFT_SCALE = 0.18215
@@ -40,8 +46,12 @@ SWIFT_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VA
 
 
 def check_precision(precision: str) -> None:
-    if precision not in ("fp32", "fp16"):
-        raise UserError(f"Core ML export takes precision fp16 or fp32, not {precision}")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UserError(f"Core ML export takes precision fp16, fp32 or int8, not {precision}")
+
+
+def check_int8(quantized_for: str | None) -> None:
+    require_saved_int8("Core ML", INT8_BACKEND, quantized_for)
 
 
 class TextEncoder(torch.nn.Module):
@@ -65,6 +75,35 @@ class Unet(torch.nn.Module):
         context = encoder_hidden_states.squeeze(2).transpose(1, 2)
         cond = timestep_cond[0] if timestep_cond else None
         return self.unet(sample, timestep, context, timestep_cond=cond, return_dict=False)[0]
+
+
+class Int8Unet(torch.nn.Module):
+    """The saved int8 graph behind Apple's UNet I/O (the graph takes the text states as (B, tokens, dim))."""
+
+    def __init__(self, graph):
+        super().__init__()
+        self.int8 = graph  # not `graph`: the exported program's own graph module has that attribute
+
+    def forward(self, sample, timestep, encoder_hidden_states, *timestep_cond):
+        return self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *timestep_cond)
+
+
+def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> Int8Unet:
+    sample, timestep, states, *cond = component.inputs.values()
+    return Int8Unet(saved_int8_unet("Core ML", INT8_BACKEND, component.module.unet,
+                                    (sample, timestep, states.squeeze(2).transpose(1, 2), *cond), quantization))
+
+
+def _pack_palette(model, quantization: tuple[dict, dict] | None):
+    """Palettized weights as `constexpr_lut_to_dense` tables: "unique" mode takes each weight's own distinct
+    values, so the tables are exactly the trained ones (lossless wherever it applies: any constant with at
+    most 256 values, norm scales included; kept layers, with more, stay fp16). Per op type it refuses
+    constants that a norm shares with a convolution, hence one global setting."""
+    if quantization is None or "bits" not in quantization[0]:
+        return model
+    ct = _quiet_coremltools()
+    table = ct.optimize.coreml.OpPalettizerConfig(mode="unique", weight_threshold=0)
+    return ct.optimize.coreml.palettize_weights(model, ct.optimize.coreml.OptimizationConfig(global_config=table))
 
 
 class VAEDecoder(torch.nn.Module):
@@ -144,23 +183,29 @@ def _without_aliases(exported):
     return exported
 
 
-def export_component(component: Component, folder: Path, precision: str, **_) -> Path:
-    """Convert one (adapted) component to `<out>/Resources/<SwiftName>.mlpackage`; return its path."""
+def export_component(component: Component, folder: Path, precision: str,
+                     quantization: tuple[dict, dict] | None = None, **_) -> Path:
+    """Convert one (adapted) component to `<out>/Resources/<SwiftName>.mlpackage`; return its path.
+
+    int8 (the UNet's saved W8A8 graph) computes in fp16 between its quantized layers and needs iOS 17
+    for int8 activations; everything else targets iOS 16 like Apple's converter."""
     ct = _quiet_coremltools()
     check_precision(precision)
     resources = folder.parent / "Resources"
     resources.mkdir(parents=True, exist_ok=True)
     path = resources / f"{SWIFT_NAMES[component.name]}.mlpackage"
+    int8 = precision == "int8"
+    module = _int8_unet(component, quantization) if int8 else component.module
     try:
         with quiet_tracing():
-            exported = _without_aliases(
-                torch.export.export(component.module, tuple(component.inputs.values())).run_decompositions({}))
+            exported = _without_aliases(torch.export.export(module, tuple(component.inputs.values())).run_decompositions({}))
             model = ct.convert(
-                exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17 if int8 else ct.target.iOS16,
                 inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32)
                         for n, v in component.inputs.items()],
                 outputs=[ct.TensorType(name=n) for n in component.outputs],
-                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+                compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)
+            model = _pack_palette(model, quantization)
     except Exception as err:  # coremltools names the op it cannot convert; keep that line
         raise UserError(f"Core ML export of {component.name} failed: {(str(err).splitlines() or [repr(err)])[0]}") from None
     model.short_description = f"pocketdiff {component.name} ({precision}), apple/ml-stable-diffusion layout"

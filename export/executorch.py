@@ -31,6 +31,7 @@ FILE = "model.pte"
 DEFAULT_PRECISION = "fp32"
 DYNAMIC_SHAPES = False
 INT8_BACKEND = "xnnpack"  # the `pocketdiff quantize` backend whose saved int8 this format ships
+PALETTIZES = False  # a palettized UNet ships its table values as plain weights
 RUNS_PIPELINE = True
 PARTITIONERS = {
     "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner", "XnnpackPartitioner"),

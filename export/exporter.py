@@ -86,12 +86,19 @@ def torch_images(pipe, prompts: list[str], steps: int, guidance: float, latents:
     return (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _int8_origin(quantization: tuple[dict, dict] | None) -> str:
-    """Where the int8 UNet came from, for the report: the model's own quantization or the export's fallback."""
-    if quantization is None:
+def _quantization_note(fmt: str, module, precision: str, quantization: tuple[dict, dict] | None) -> str | None:
+    """What the report says of the UNet's quantization: the model's own, the export's fallback, or not applied."""
+    if precision != "int8" and quantization is None:
+        return None
+    if precision == "int8" and quantization is None:
         return "post-training at export: xnnpack int8, linear"
     spec = quantization[0]
-    return f"saved: {spec['backend']} int8, {'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}"
+    trained = f"{'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}"
+    if precision == "int8":
+        return f"saved: {spec['backend']} int8, {trained}"
+    if "bits" in spec and module.PALETTIZES:
+        return f"saved: {spec['backend']} {spec['bits']}-bit look-up tables, {trained}"
+    return f"not applied: {fmt} {precision} of the float (QAT-trained) weights"
 
 
 def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
@@ -127,8 +134,8 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
     began = time.perf_counter()
     quantization = read_quantization(ref) if name == "unet" else None
     extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
+    extra["quantization"] = quantization
     if own_precision == "int8":
-        extra["quantization"] = quantization
         if pipe is not None and quantization is None:
             from ..compress.calibration import record_unet_inputs
 
@@ -136,10 +143,9 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
     path = module.export_component(component, out / name, own_precision, **extra)
     entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
              "export_seconds": round(time.perf_counter() - began, 2)}
-    if own_precision == "int8":
-        entry["quantization"] = _int8_origin(quantization)
-    elif quantization is not None:
-        entry["quantization"] = f"not applied: {fmt} {own_precision} of the float (QAT-trained) weights"
+    note = _quantization_note(fmt, module, own_precision, quantization)
+    if note:
+        entry["quantization"] = note
     runner = module.load(path)
     if runner is None:
         entry.update(module.structural_check(path, component))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..apps.errors import UserError
-from .components import Component, quiet_tracing
+from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
 from .exporter import write_optimum_layout
 from .runtime import OnnxModel
 
@@ -38,6 +38,7 @@ DEFAULT_PRECISION = "fp32"
 DYNAMIC_SHAPES = True  # one file for guidance on and off, any resolution (int8: fixed, see above)
 RUNS_PIPELINE = True
 INT8_BACKEND = "onnx-int8"  # the `pocketdiff quantize` backend whose saved int8 this format ships
+PALETTIZES = False  # a palettized UNet ships its table values as plain weights
 
 
 def check_precision(precision: str) -> None:
@@ -46,18 +47,7 @@ def check_precision(precision: str) -> None:
 
 
 def check_int8(quantized_for: str | None) -> None:
-    """ONNX int8 is only the UNet `pocketdiff quantize --backend onnx-int8` made: no silent post-training fallback."""
-    if quantized_for != INT8_BACKEND:
-        made = f"this UNet was quantized for {quantized_for}" if quantized_for else "this model is not quantized"
-        raise UserError(f"ONNX int8 ships the UNet `pocketdiff quantize --backend {INT8_BACKEND}` makes; {made}")
-
-
-def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> torch.nn.Module:
-    """The converted int8 graph saved with the model, at the component's example shapes."""
-    from ..compress.quantize import build_int8
-
-    check_int8(quantization[0]["backend"] if quantization else None)
-    return build_int8(component.module.unet, tuple(component.inputs.values()), *quantization)
+    require_saved_int8("ONNX", INT8_BACKEND, quantized_for)
 
 
 def load(path: Path):
@@ -90,13 +80,14 @@ def export_component(component: Component, folder: Path, precision: str,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE
     int8 = precision == "int8"
-    module = _int8_unet(component, quantization) if int8 else component.module
+    args = tuple(component.inputs.values())
+    module = saved_int8_unet("ONNX", INT8_BACKEND, component.module.unet, args, quantization) if int8 else component.module
     dynamic = None if int8 else _dynamic_shapes(component)
     large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with quiet_tracing():
-            torch.onnx.export(module, tuple(component.inputs.values()), str(path), dynamo=True,
+            torch.onnx.export(module, args, str(path), dynamo=True,
                               opset_version=OPSET, input_names=list(component.inputs), output_names=component.outputs,
                               dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
     except Exception as err:  # the exporter's own errors name the failing op; keep that line

@@ -40,10 +40,11 @@ def test_sweep_without_vary_and_report_of_no_run_exit_2(tmp_path):
 
 
 def test_unbuilt_quantization_backend_says_so_and_exits_2(tmp_path):
-    result = subprocess.run(["pocketdiff", "quantize", "default", "--out", str(tmp_path / "q"), "--backend", "coreml-w8a8"],
+    result = subprocess.run(["pocketdiff", "quantize", "default", "--out", str(tmp_path / "q"), "--backend", "brevitas-w4a8"],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: quantization backend 'coreml-w8a8' is not built yet (built: xnnpack, onnx-int8)"
+    assert result.stderr.strip() == ("error: quantization backend 'brevitas-w4a8' is not built yet "
+                                    "(built: xnnpack, onnx-int8, coreml-w8a8, coreml-palette4, coreml-palette6)")
     assert not (tmp_path / "q").exists()
 
 

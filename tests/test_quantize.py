@@ -1,4 +1,5 @@
-"""Quantization: int8 for ExecuTorch's XNNPACK and onnxruntime, post-training and trained against the fp32 UNet, saved and reloaded."""
+"""Quantization: int8 for ExecuTorch's XNNPACK, onnxruntime and Core ML, and Core ML palettes; post-training and
+trained against the fp32 UNet, saved, reloaded and exported."""
 
 import json
 import shutil
@@ -201,6 +202,74 @@ def test_onnx_int8_export_runs_the_saved_qdq_graph_in_onnxruntime_int8_kernels(t
     unfused = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (ours,) = unfused.run(None, {k: v.numpy() for k, v in inputs.items()})
     assert np.linalg.norm(ours - torch_int8) < 0.01 * np.linalg.norm(float_out - torch_int8)
+
+
+def _palettized(unet, keep):
+    return {name: m for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+            and not any(name == k or name.startswith(k + ".") for k in keep)}
+
+
+def test_a_palettized_unet_is_its_own_float_weights_and_ships_as_core_ml_tables(tiny_pipeline, tmp_path):
+    from pocketdiff.compress.palettize import distinct_values
+    from pocketdiff.export.exporter import ExportConfig, export_model
+
+    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, backend="coreml-palette4"),
+                      tmp_path / "p4", log=lambda _: None)
+    ref = modelio.open_model(tmp_path / "p4")
+    assert load_quantized_unet(ref) is None  # weight-only: the saved float UNet is the model
+    unet = StableDiffusionPipeline.from_pretrained(tmp_path / "p4").unet
+    chosen = _palettized(unet, report["spec"]["keep"])
+    assert sum(report["quantized_layers"].values()) == len(chosen) > 0
+    assert all(distinct_values(m.weight) <= 16 for m in chosen.values())
+    assert distinct_values(unet.conv_in.weight) > 16  # kept layers stay full precision
+    assert 1e-3 < report["unet_relative_error"] < 0.5
+
+    config = ExportConfig(to=["coreml", "onnx"], components=["unet"])
+    exported = export_model(ref, config, tmp_path / "export", log=lambda _: None)
+    coreml = exported["coreml"]["components"]["unet"]
+    assert coreml["quantization"] == "saved: coreml-palette4 4-bit look-up tables, post-training, conv+linear"
+    assert coreml["ops"]["constexpr_lut_to_dense"] >= len(chosen)  # every palettized layer loads from its table
+    assert exported["onnx"]["components"]["unet"]["quantization"].startswith("not applied")
+    float_export = export_model(modelio.open_model(tiny_pipeline), ExportConfig(to=["coreml"], components=["unet"]),
+                                tmp_path / "float", log=lambda _: None)["coreml"]["components"]["unet"]
+    assert "constexpr_lut_to_dense" not in float_export["ops"] and coreml["bytes"] < 0.6 * float_export["bytes"]
+
+
+def test_palette_qat_trains_the_tables_and_keeps_the_indices(tiny_pipeline, tmp_path):
+    from pocketdiff.compress.palettize import distinct_values
+
+    config = QuantizeConfig(**SMALL, backend="coreml-palette4", qat_steps=24, lr=1e-3, log_every=1)
+    report = quantize(modelio.open_model(tiny_pipeline), config, tmp_path / "qat", log=lambda _: None)
+    losses = [float(line.split(",")[3]) for line in (tmp_path / "qat" / "log.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 24 and np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+    ptq = quantize(modelio.open_model(tiny_pipeline), config.model_copy(update={"qat_steps": 0}), tmp_path / "ptq",
+                   log=lambda _: None)
+    assert report["unet_relative_error"] < ptq["unet_relative_error"]
+    trained, fitted = (modelio.load_unet(modelio.open_model(tmp_path / name)) for name in ("qat", "ptq"))
+    layer = "down_blocks.0.resnets.0.conv1"
+    a, b = trained.get_submodule(layer).weight, fitted.get_submodule(layer).weight
+    assert distinct_values(a) <= 16 and not torch.equal(a, b)
+    # the same weights share a table entry before and after training: only the entries' values moved
+    assert torch.equal(torch.unique(a, return_inverse=True)[1], torch.unique(b, return_inverse=True)[1])
+
+
+def test_coreml_w8a8_ships_the_saved_int8_graph(tiny_pipeline, tmp_path):
+    from pocketdiff.export.exporter import ExportConfig, export_model
+
+    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, backend="coreml-w8a8"),
+                      tmp_path / "w8a8", log=lambda _: None)
+    assert "symmetric activations" in report["spec"]["scheme"]  # Core ML's int8 activations are symmetric
+    graph = load_quantized_unet(modelio.open_model(tmp_path / "w8a8"))
+    args = tuple(unet_component(graph.unet, 8).inputs.values())
+    zero_points = [n.args[2] for n in graph.graph_for(args).graph.nodes
+                   if n.op == "call_function" and "quantize_per_tensor" in str(n.target)]
+    assert zero_points and set(zero_points) == {0}
+    exported = export_model(modelio.open_model(tmp_path / "w8a8"), ExportConfig(to=["coreml"], components=["unet"]),
+                            tmp_path / "export", log=lambda _: None)["coreml"]["components"]["unet"]
+    assert exported["precision"] == "int8"  # unasked: what was quantized for Core ML ships as int8
+    assert exported["quantization"] == "saved: coreml-w8a8 int8, post-training, conv+linear"
+    assert exported["ops"]["constexpr_affine_dequantize"] == sum(report["quantized_layers"].values())
+    assert exported["ops"]["quantize"] > 0 and exported["spec_version"] >= 8  # int8 activations: iOS 17
 
 
 def test_int8_exports_refuse_a_model_quantized_for_another_runtime(ptq, tmp_path):

@@ -421,7 +421,7 @@ def quantize(model: ModelArg,
              out: Annotated[Path, typer.Option(help="Folder for the quantized pipeline, its log and checkpoints.")],
              backend: Annotated[str, typer.Option(
                  help="xnnpack (ExecuTorch), onnx-int8 (onnxruntime QDQ), coreml-w8a8, coreml-palette4, coreml-palette6 "
-                      "(Core ML); brevitas-w4a8: not built yet.")] = "xnnpack",
+                      "(Core ML), brevitas-w4a8 (ONNX QCDQ, research).")] = "xnnpack",
              qat_steps: Annotated[int, typer.Option(help="Quantization-aware training steps; 0: post-training only.")] = 0,
              layers: Annotated[str, typer.Option(help="conv+linear or linear.")] = "conv+linear",
              keep: Annotated[str, typer.Option(help="Comma-separated UNet modules kept fp32.")] = "conv_in,conv_out,time_embedding",
@@ -451,7 +451,8 @@ def quantize(model: ModelArg,
 SHIPS = {"xnnpack": "ExecuTorch exports ship it as int8", "onnx-int8": "ONNX exports ship it as int8",
          "coreml-w8a8": "Core ML exports ship it as int8",
          "coreml-palette4": "Core ML exports ship it as 4-bit look-up tables",
-         "coreml-palette6": "Core ML exports ship it as 6-bit look-up tables"}  # what each built backend is for
+         "coreml-palette6": "Core ML exports ship it as 6-bit look-up tables",
+         "brevitas-w4a8": "ONNX exports ship it as W4A8 QCDQ"}  # what each backend is for
 
 
 def _first_error(err) -> str:

@@ -1,6 +1,7 @@
 """Quantization for one export target: fp32 vs post-training vs quantization-aware training, judged, sized and timed in one run.
 
-    python benchmarks/quantize.py --model STUDENT [--backend xnnpack|onnx-int8|coreml-w8a8|coreml-palette4|coreml-palette6]
+    python benchmarks/quantize.py --model STUDENT
+                                  [--backend xnnpack|onnx-int8|coreml-w8a8|coreml-palette4|coreml-palette6|brevitas-w4a8]
                                   [--sample-steps 1]
                                   [--qat-steps 600] [--lr 1e-5] [--prompts 256] [--calibration-prompts 256]
                                   [--work quantize-bench] [--json F]
@@ -11,7 +12,7 @@ after QAT (palettes: post-training tables, then trained tables). Each quantized 
 `pocketdiff quantize --backend B` writes, judged through its int8 graph (torch's reference int8
 ops; a palette is its float weights) on the same validation prompts and seeds: prompt score ↑ (and
 as a share of fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to the backend's
-format (xnnpack: ExecuTorch; onnx-int8: ONNX; coreml-*: Core ML, whose float row is its default
+format (xnnpack: ExecuTorch; onnx-int8, brevitas-w4a8: ONNX; coreml-*: Core ML, whose float row is its default
 fp16), UNet only, as that format ships it, checked against fp32 PyTorch (relative error of the
 exported file's output) and timed in that format's runtime on this host at the export's batch:
 median of `--repeats` runs after a warm-up, beside the float file's, with file sizes. Core ML runs
@@ -37,7 +38,7 @@ from pocketdiff.export.exporter import ExportConfig, export_model
 from pocketdiff.export.runtime import load_model
 
 FORMATS = {"xnnpack": "executorch", "onnx-int8": "onnx", "coreml-w8a8": "coreml", "coreml-palette4": "coreml",
-           "coreml-palette6": "coreml"}  # the export format each backend ships in
+           "coreml-palette6": "coreml", "brevitas-w4a8": "onnx"}  # the export format each backend ships in
 
 
 def main() -> None:
@@ -59,7 +60,7 @@ def main() -> None:
     evaluation = EvaluateConfig(prompts=args.prompts, steps=[args.sample_steps], guidance=[args.guidance])
     key = f"validation/steps={args.sample_steps}/guidance={args.guidance:g}"
     fmt, common = FORMATS[args.backend], {"backend": args.backend, "prompts": args.calibration_prompts}
-    kind = f"{args.backend.removeprefix('coreml-')}" if "palette" in args.backend else "int8"
+    kind = {"coreml-palette4": "palette4", "coreml-palette6": "palette6", "brevitas-w4a8": "W4A8"}.get(args.backend, "int8")
     variants = {
         f"PTQ {kind}, linear": QuantizeConfig(layers="linear", keep=[], **common),
         f"PTQ {kind}, conv+linear": QuantizeConfig(**common),

@@ -13,6 +13,8 @@ for any input shape, and the export for the backend's runtime (xnnpack: ExecuTor
 ONNX QDQ for onnxruntime; coreml-w8a8: Core ML) lowers that graph, so what was trained is what
 ships. Palettized backends (coreml-palette4/6) are weight-only: the saved float weights are the
 tables' values, the model itself, and the Core ML export packs them into look-up tables.
+brevitas-w4a8 (the research backend) saves its activation scales the same way; its UNet is the
+diffusers UNet with brevitas layers swapped in, and its ONNX export is QCDQ.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
-from . import palettize, pt2e_int8, sensitivity
+from . import brevitas_w4a8, palettize, pt2e_int8, sensitivity
 from .calibration import extra_conditions, record_unet_inputs
 
 SPEC_FILE = "quantization.json"
 STATE_FILE = "quantization.safetensors"
 Backend = Literal["xnnpack", "onnx-int8", "coreml-w8a8", "coreml-palette4", "coreml-palette6", "brevitas-w4a8"]
 PALETTES = {"coreml-palette4": 4, "coreml-palette6": 6}  # bits per weight: a table of 2**bits values per layer
-BUILT = tuple(pt2e_int8.SCHEMES) + tuple(PALETTES)
+W4A8 = "brevitas-w4a8"
 ROOT = "unet"  # the float UNet's attribute in the traced wrapper: its parameters are `unet.<name>` in the graph
 
 
@@ -60,13 +62,10 @@ class QuantizeConfig(RunSettings):
     guidance: float = Field(7.5, ge=0)
 
 
-def _check_backend(name: str) -> None:
-    if name not in BUILT:
-        raise UserError(f"quantization backend '{name}' is not built yet (built: {', '.join(BUILT)})")
-
-
 def scheme(backend: str) -> dict:
-    """The backend's numerics as data: int8 ranges (pt2e_int8.SCHEMES) or a palette's bits."""
+    """The backend's numerics as data: int8 ranges (pt2e_int8.SCHEMES; W4A8's weights in ±7) or a palette's bits."""
+    if backend == W4A8:
+        return {"weight_qmax": 7, "activations": "symmetric"}
     return {"bits": PALETTES[backend]} if backend in PALETTES else pt2e_int8.SCHEMES[backend]
 
 
@@ -142,7 +141,7 @@ def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
     if config.backend in PALETTES:
         bits = PALETTES[config.backend]
         return spec | {"bits": bits, "scheme": f"{bits}-bit weights: a {2 ** bits}-value table per layer, fp16 activations"}
-    return spec | {"scheme": pt2e_int8.describe(config.backend)}
+    return spec | {"scheme": brevitas_w4a8.SCHEME if config.backend == W4A8 else pt2e_int8.describe(config.backend)}
 
 
 def _layer_counts(unet, names: list[str]) -> dict[str, int]:
@@ -153,11 +152,18 @@ def _layer_counts(unet, names: list[str]) -> dict[str, int]:
 def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tuple[torch.nn.Module, dict[str, int]]:
     """The model QAT trains (post-training quantization stops here) and how many layers it quantizes.
 
-    int8: a copy's PT2E graph with observers, calibrated on every recorded timestep; palettes: a
-    copy whose chosen layers' weights are k-means tables (fitted from the weights alone)."""
+    int8: a copy's PT2E graph with observers, calibrated on every recorded timestep; W4A8: a copy
+    with brevitas layers, calibrated the same way; palettes: a copy whose chosen layers' weights
+    are k-means tables (fitted from the weights alone)."""
     if spec["backend"] in PALETTES:
         student = traced(copy.deepcopy(unet))
         return student, _layer_counts(unet, palettize.palettize_(student.unet, spec["layers"], spec["keep"], spec["bits"]))
+    if spec["backend"] == W4A8:
+        student = traced(copy.deepcopy(unet).requires_grad_(True))
+        names = brevitas_w4a8.quantize_layers_(student.unet, spec["layers"], spec["keep"])
+        with brevitas_w4a8.calibrating(student):
+            _outputs(student, rows, size)
+        return student, _layer_counts(unet, names)
     student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
     graph = pt2e_int8.prepare(student, _args(next(_chunks(rows, size))), spec["layers"], spec["keep"], spec["qat"],
                               spec["backend"])
@@ -166,10 +172,16 @@ def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tupl
 
 
 def _save(model: torch.nn.Module, unet, spec: dict, source: Path, out: Path) -> None:
-    """The pipeline with the quantized UNet's float weights, its spec and (int8) its observer state."""
+    """The pipeline with the quantized UNet's float weights, its spec and its quantizers' state (not a palette's)."""
     if spec["backend"] in PALETTES:
         palettize.finalize_(model.unet)
         modelio.save_pipeline_with(source, out, "unet", model.unet)
+    elif spec["backend"] == W4A8:  # brevitas layers keep the float layers' names; their scales are the extra entries
+        state = model.unet.state_dict()
+        floats = set(unet.state_dict())
+        unet.load_state_dict({k: v for k, v in state.items() if k in floats})
+        modelio.save_pipeline_with(source, out, "unet", unet)
+        save_file(unshared({k: v for k, v in state.items() if k not in floats}), out / "unet" / STATE_FILE)
     else:
         pt2e_int8.freeze(model)
         state = model.state_dict()
@@ -181,7 +193,6 @@ def _save(model: torch.nn.Module, unet, spec: dict, source: Path, out: Path) -> 
 
 def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print) -> dict:
     """Quantize `ref`'s UNet for `config.backend`; write the quantized pipeline and `quantize_report.json` to `out`."""
-    _check_backend(config.backend)
     if ref.kind != "pipeline" or ref.random_weights:
         raise UserError(f"{ref.path}: quantization needs a pipeline folder with weights (its trajectories calibrate)")
     out, began = Path(out), time.perf_counter()
@@ -216,8 +227,11 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     _save(model, unet, spec, ref.path, out)
 
     saved = modelio.open_model(out)
-    int8 = load_quantized_unet(saved)
-    run = traced(modelio.load_unet(saved)) if int8 is None else (lambda *args: int8.graph_for(args)(*args))
+    quantized = load_quantized_unet(saved)
+    if isinstance(quantized, QuantizedUNet):
+        run = lambda *args: quantized.graph_for(args)(*args)  # noqa: E731
+    else:
+        run = traced(quantized if quantized is not None else modelio.load_unet(saved))
     measured = _outputs(run, check, size)
     report = {"model": str(ref.path.resolve()), "config": config.model_dump(), "spec": spec,
               "quantized_layers": counts, "calibration_samples": int(rows["sample"].shape[0]),
@@ -288,7 +302,6 @@ class QuantizedUNet(torch.nn.Module):
 
 def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
     """The converted int8 graph of `unet` at `args`' shapes, its observers restored from `state`."""
-    _check_backend(spec["backend"])
     graph = pt2e_int8.prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"], spec["backend"])
     expected = {k for k in graph.state_dict() if not k.startswith(ROOT + ".")}
     if expected != set(state):
@@ -299,7 +312,12 @@ def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
     return pt2e_int8.convert(graph)
 
 
-def load_quantized_unet(ref: modelio.ModelRef) -> QuantizedUNet | None:
-    """The int8 UNet of an int8-quantized folder; None for a float or palettized one (its float UNet is the model)."""
+def load_quantized_unet(ref: modelio.ModelRef) -> torch.nn.Module | None:
+    """The quantized UNet of a quantized folder (int8: a QuantizedUNet; W4A8: the UNet with brevitas layers);
+    None for a float or palettized one (its float UNet is the model)."""
     found = read_quantization(ref)
-    return None if found is None or found[0]["backend"] in PALETTES else QuantizedUNet(modelio.load_unet(ref), *found)
+    if found is None or found[0]["backend"] in PALETTES:
+        return None
+    if found[0]["backend"] == W4A8:
+        return brevitas_w4a8.rebuild(modelio.load_unet(ref), *found)
+    return QuantizedUNet(modelio.load_unet(ref), *found)

@@ -155,16 +155,16 @@ def quiet_tracing():
         yield
 
 
-def require_saved_int8(fmt: str, backend: str, quantized_for: str | None) -> None:
-    """int8 in `fmt` is only the UNet `pocketdiff quantize --backend <backend>` made: no silent post-training fallback."""
-    if quantized_for != backend:
+def require_saved_int8(fmt: str, backends: tuple[str, ...], quantized_for: str | None) -> None:
+    """int8 in `fmt` is only a UNet `pocketdiff quantize --backend B` made for it: no silent post-training fallback."""
+    if quantized_for not in backends:
         made = f"this UNet was quantized for {quantized_for}" if quantized_for else "this model is not quantized"
-        raise UserError(f"{fmt} int8 ships the UNet `pocketdiff quantize --backend {backend}` makes; {made}")
+        raise UserError(f"{fmt} int8 ships the UNet `pocketdiff quantize --backend {'|'.join(backends)}` makes; {made}")
 
 
-def saved_int8_unet(fmt: str, backend: str, unet, args: tuple, quantization: tuple[dict, dict] | None):
+def saved_int8_unet(fmt: str, backends: tuple[str, ...], unet, args: tuple, quantization: tuple[dict, dict] | None):
     """The converted int8 graph saved with the model, at `args`' shapes."""
     from ..compress.quantize import build_int8
 
-    require_saved_int8(fmt, backend, quantization[0]["backend"] if quantization else None)
+    require_saved_int8(fmt, backends, quantization[0]["backend"] if quantization else None)
     return build_int8(unet, args, *quantization)

@@ -36,7 +36,7 @@ from .clip_bpe import write_vocab_and_merges
 from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
 
 DEFAULT_PRECISION = "fp16"
-INT8_BACKEND = "coreml-w8a8"  # the `pocketdiff quantize` backend whose saved int8 this format ships
+INT8_BACKENDS = ("coreml-w8a8",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
 PALETTIZES = True  # a palettized UNet ships as look-up tables
 DYNAMIC_SHAPES = False
 RUNS_PIPELINE = False
@@ -51,7 +51,7 @@ def check_precision(precision: str) -> None:
 
 
 def check_int8(quantized_for: str | None) -> None:
-    require_saved_int8("Core ML", INT8_BACKEND, quantized_for)
+    require_saved_int8("Core ML", INT8_BACKENDS, quantized_for)
 
 
 class TextEncoder(torch.nn.Module):
@@ -90,7 +90,7 @@ class Int8Unet(torch.nn.Module):
 
 def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> Int8Unet:
     sample, timestep, states, *cond = component.inputs.values()
-    return Int8Unet(saved_int8_unet("Core ML", INT8_BACKEND, component.module.unet,
+    return Int8Unet(saved_int8_unet("Core ML", INT8_BACKENDS, component.module.unet,
                                     (sample, timestep, states.squeeze(2).transpose(1, 2), *cond), quantization))
 
 

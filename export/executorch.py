@@ -30,7 +30,7 @@ from .runtime import ExecuTorchModel
 FILE = "model.pte"
 DEFAULT_PRECISION = "fp32"
 DYNAMIC_SHAPES = False
-INT8_BACKEND = "xnnpack"  # the `pocketdiff quantize` backend whose saved int8 this format ships
+INT8_BACKENDS = ("xnnpack",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
 PALETTIZES = False  # a palettized UNet ships its table values as plain weights
 RUNS_PIPELINE = True
 PARTITIONERS = {
@@ -48,9 +48,9 @@ def check_precision(precision: str) -> None:
 
 def check_int8(quantized_for: str | None) -> None:
     """A float model gets post-training int8 of its linears here; a quantized one must be quantized for XNNPACK."""
-    if quantized_for not in (None, INT8_BACKEND):
-        raise UserError(f"this UNet was quantized for {quantized_for}, not for ExecuTorch's {INT8_BACKEND}; "
-                        f"quantize it with --backend {INT8_BACKEND}")
+    if quantized_for not in (None, *INT8_BACKENDS):
+        raise UserError(f"this UNet was quantized for {quantized_for}, not for ExecuTorch's {INT8_BACKENDS[0]}; "
+                        f"quantize it with --backend {INT8_BACKENDS[0]}")
 
 
 def partitioner(name: str):
@@ -90,7 +90,7 @@ def quantize_int8(component: Component, calibration: list[tuple],
     if quantization is not None:
         check_int8(quantization[0]["backend"])
         return build_int8(component.module.unet, examples, *quantization)  # a 0-d timestep: the export's contract
-    prepared = pt2e_int8.prepare(component.module, examples, "linear", [], False, INT8_BACKEND)
+    prepared = pt2e_int8.prepare(component.module, examples, "linear", [], False, INT8_BACKENDS[0])
     with torch.no_grad():
         for args in calibration or [examples]:
             prepared(*(_fit_batch(a, e) for a, e in zip(args, examples)))

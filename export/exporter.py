@@ -95,7 +95,7 @@ def _quantization_note(fmt: str, module, precision: str, quantization: tuple[dic
     spec = quantization[0]
     trained = f"{'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}"
     if precision == "int8":
-        return f"saved: {spec['backend']} int8, {trained}"
+        return f"saved: {spec['backend']} {'W4A8' if spec['backend'] == 'brevitas-w4a8' else 'int8'}, {trained}"
     if "bits" in spec and module.PALETTIZES:
         return f"saved: {spec['backend']} {spec['bits']}-bit look-up tables, {trained}"
     return f"not applied: {fmt} {precision} of the float (QAT-trained) weights"
@@ -109,7 +109,7 @@ def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
     precision = config.precision or module.DEFAULT_PRECISION
     spec = ref.unet_path / SPEC_FILE
     quantized_for = json.loads(spec.read_text())["backend"] if spec.exists() else None
-    if config.precision is None and quantized_for is not None and quantized_for == module.INT8_BACKEND:
+    if config.precision is None and quantized_for in module.INT8_BACKENDS:
         precision = "int8"  # what `pocketdiff quantize` trained is what ships
     module.check_precision(precision)
     if precision == "int8":

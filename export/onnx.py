@@ -9,11 +9,13 @@ over 2 GB keep their weights in `model.onnx.data`. fp16 stores weights and compu
 precision with fp32 inputs and outputs, so callers need not change. int8 is the UNet that
 `pocketdiff quantize --backend onnx-int8` trained, written as QuantizeLinear/DequantizeLinear
 pairs that onnxruntime fuses into its int8 kernels; like an ExecuTorch program, that graph has the
-fixed shapes it was traced at (batch 2, the model's latent size).
+fixed shapes it was traced at (batch 2, the model's latent size). A `brevitas-w4a8` UNet is
+written by brevitas as QCDQ (QuantizeLinear → Clip → DequantizeLinear), also at fixed shapes.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from pathlib import Path
@@ -37,7 +39,7 @@ def _param_bytes(module: torch.nn.Module) -> int:
 DEFAULT_PRECISION = "fp32"
 DYNAMIC_SHAPES = True  # one file for guidance on and off, any resolution (int8: fixed, see above)
 RUNS_PIPELINE = True
-INT8_BACKEND = "onnx-int8"  # the `pocketdiff quantize` backend whose saved int8 this format ships
+INT8_BACKENDS = ("onnx-int8", "brevitas-w4a8")  # the `pocketdiff quantize` backends whose saved UNet ships as int8
 PALETTIZES = False  # a palettized UNet ships its table values as plain weights
 
 
@@ -47,7 +49,15 @@ def check_precision(precision: str) -> None:
 
 
 def check_int8(quantized_for: str | None) -> None:
-    require_saved_int8("ONNX", INT8_BACKEND, quantized_for)
+    require_saved_int8("ONNX", INT8_BACKENDS, quantized_for)
+
+
+def _w4a8_unet(component: Component, quantization: tuple[dict, dict]) -> torch.nn.Module:
+    """The saved W4A8 UNet (brevitas layers, saved scales) in the export's wrapper."""
+    from ..compress.brevitas_w4a8 import rebuild
+    from ..compress.quantize import traced
+
+    return traced(rebuild(copy.deepcopy(component.module.unet), *quantization))
 
 
 def load(path: Path):
@@ -81,15 +91,21 @@ def export_component(component: Component, folder: Path, precision: str,
     path = folder / FILE
     int8 = precision == "int8"
     args = tuple(component.inputs.values())
-    module = saved_int8_unet("ONNX", INT8_BACKEND, component.module.unet, args, quantization) if int8 else component.module
     dynamic = None if int8 else _dynamic_shapes(component)
     large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with quiet_tracing():
-            torch.onnx.export(module, args, str(path), dynamo=True,
-                              opset_version=OPSET, input_names=list(component.inputs), output_names=component.outputs,
-                              dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
+            if int8 and quantization is not None and quantization[0]["backend"] == "brevitas-w4a8":
+                from ..compress.brevitas_w4a8 import export_qcdq
+
+                export_qcdq(_w4a8_unet(component, quantization), args, path, list(component.inputs), component.outputs, OPSET)
+            else:
+                module = (saved_int8_unet("ONNX", INT8_BACKENDS, component.module.unet, args, quantization) if int8
+                          else component.module)
+                torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET,
+                                  input_names=list(component.inputs), output_names=component.outputs,
+                                  dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)
     except Exception as err:  # the exporter's own errors name the failing op; keep that line
         raise UserError(f"ONNX export of {component.name} failed: {_first_line(err)}") from None
     import onnx

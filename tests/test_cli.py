@@ -39,12 +39,12 @@ def test_sweep_without_vary_and_report_of_no_run_exit_2(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_unbuilt_quantization_backend_says_so_and_exits_2(tmp_path):
-    result = subprocess.run(["pocketdiff", "quantize", "default", "--out", str(tmp_path / "q"), "--backend", "brevitas-w4a8"],
+def test_unknown_quantization_backend_lists_the_built_ones_and_exits_2(tmp_path):
+    result = subprocess.run(["pocketdiff", "quantize", "default", "--out", str(tmp_path / "q"), "--backend", "tflite-int8"],
                             capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: quantization backend 'brevitas-w4a8' is not built yet "
-                                    "(built: xnnpack, onnx-int8, coreml-w8a8, coreml-palette4, coreml-palette6)")
+    assert result.stderr.strip() == ("error: quantize: backend: Input should be 'xnnpack', 'onnx-int8', 'coreml-w8a8', "
+                                     "'coreml-palette4', 'coreml-palette6' or 'brevitas-w4a8'")
     assert not (tmp_path / "q").exists()
 
 

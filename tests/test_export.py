@@ -121,8 +121,8 @@ def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--to", "tflite"], "to.0: Input should be 'onnx', 'executorch' or 'coreml'"),
-    (["--to", "onnx", "--precision", "int8"], "ONNX int8 ships the UNet `pocketdiff quantize --backend onnx-int8` "
-                                              "makes; this model is not quantized"),
+    (["--to", "onnx", "--precision", "int8"], "ONNX int8 ships the UNet `pocketdiff quantize --backend "
+                                              "onnx-int8|brevitas-w4a8` makes; this model is not quantized"),
     (["--to", "coreml", "--precision", "int8"], "Core ML int8 ships the UNet `pocketdiff quantize --backend "
                                                 "coreml-w8a8` makes; this model is not quantized"),
     (["--components", "safety_checker"], "components.0: Input should be"),

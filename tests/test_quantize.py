@@ -1,5 +1,5 @@
-"""Quantization: int8 for ExecuTorch's XNNPACK, onnxruntime and Core ML, and Core ML palettes; post-training and
-trained against the fp32 UNet, saved, reloaded and exported."""
+"""Quantization: int8 for ExecuTorch's XNNPACK, onnxruntime and Core ML, Core ML palettes, brevitas W4A8;
+post-training and trained against the fp32 UNet, saved, reloaded and exported."""
 
 import json
 import shutil
@@ -270,6 +270,47 @@ def test_coreml_w8a8_ships_the_saved_int8_graph(tiny_pipeline, tmp_path):
     assert exported["quantization"] == "saved: coreml-w8a8 int8, post-training, conv+linear"
     assert exported["ops"]["constexpr_affine_dequantize"] == sum(report["quantized_layers"].values())
     assert exported["ops"]["quantize"] > 0 and exported["spec_version"] >= 8  # int8 activations: iOS 17
+
+
+def test_brevitas_w4a8_saves_its_scales_and_exports_qcdq_that_onnxruntime_runs(tiny_pipeline, tmp_path):
+    import brevitas.nn as qnn
+    import onnx
+    from safetensors.torch import load_file, save_file
+
+    from pocketdiff.export.exporter import ExportConfig, export_model
+    from pocketdiff.export.parity import ParityThresholds
+    from pocketdiff.export.runtime import OnnxModel
+
+    folder = tmp_path / "w4a8"
+    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, backend="brevitas-w4a8"), folder,
+                      log=lambda _: None)
+    assert 0.01 < report["unet_relative_error"] < 0.5
+    unet = load_quantized_unet(modelio.open_model(folder))  # a diffusers UNet with brevitas layers: pipelines take it
+    layers = [m for m in unet.modules() if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))]
+    assert len(layers) == sum(report["quantized_layers"].values()) > 0
+    assert all(len(torch.unique(m.quant_weight().int()[0])) <= 16 for m in layers)  # 4-bit weights
+    pipe = modelio.load_pipeline(modelio.open_model(folder), quantized=True)
+    assert pipe(["rocket"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+    config = ExportConfig(to=["onnx"], components=["text_encoder", "unet", "vae_decoder"], steps=2,
+                          thresholds=ParityThresholds(psnr_int8=20))  # random weights at 4 bits
+    exported = export_model(modelio.open_model(folder), config, tmp_path / "export", log=lambda _: None)["onnx"]
+    entry = exported["components"]["unet"]
+    assert exported["ok"] and entry["precision"] == "int8"  # unasked: what was quantized for ONNX ships quantized
+    assert entry["quantization"] == "saved: brevitas-w4a8 W4A8, post-training, conv+linear"
+    path = tmp_path / "export" / "onnx" / "unet" / "model.onnx"
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Clip") >= len(layers) and "QuantizeLinear" in ops  # every 4-bit weight clipped to ±7
+    fixed = unet_component(unet, 8).inputs  # the shapes the file was traced at
+    with torch.no_grad():
+        ours = torch.from_numpy(OnnxModel(path)({k: v.numpy() for k, v in fixed.items()})["out_sample"])
+        w4a8, fp32 = unet(*fixed.values()).sample, modelio.load_unet(modelio.open_model(tiny_pipeline))(*fixed.values()).sample
+    assert (ours - w4a8).norm() < 0.5 * (fp32 - w4a8).norm()  # the file computes the W4A8 model, not the float one
+
+    state = load_file(folder / "unet" / "quantization.safetensors")  # the activation scales: what runs is what was saved
+    save_file({k: v * 4 for k, v in state.items()}, folder / "unet" / "quantization.safetensors")
+    with torch.no_grad():
+        assert not torch.allclose(load_quantized_unet(modelio.open_model(folder))(*fixed.values()).sample, w4a8)
 
 
 def test_int8_exports_refuse_a_model_quantized_for_another_runtime(ptq, tmp_path):

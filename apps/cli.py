@@ -431,7 +431,7 @@ def quantize(model: ModelArg,
              prompts: Annotated[int, typer.Option(help="Training captions whose trajectories calibrate and train.")] = 64,
              sampling_steps: Annotated[int, typer.Option(help="Steps of each recorded trajectory.")] = 4,
              guidance: float = 7.5, checkpoint_every: int = 100, seed: int = 0):
-    """int8 or palettized UNet for an export target, calibrated on MODEL's own trajectories, optionally trained (QAT). Resumes."""
+    """int8, palettized or W4A8 UNet for an export target, calibrated on MODEL's own trajectories, optionally trained (QAT). Resumes."""
     from pydantic import ValidationError
 
     from ..compress.quantize import QuantizeConfig, quantize as run_quantize

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from .sensitivity import KINDS
+from .sensitivity import candidates
 
 ITERATIONS = 30
 
@@ -60,15 +60,9 @@ class Palette(torch.nn.Module):
         return table.to(weight.dtype)
 
 
-def layers_to_palettize(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module]:
-    """Conv/linear layers outside `keep`."""
-    return {name: module for name, module in unet.named_modules()
-            if isinstance(module, KINDS[layers]) and not any(name == k or name.startswith(k + ".") for k in keep)}
-
-
 def palettize_(unet, layers: str, keep: list[str], bits: int) -> list[str]:
-    """Replace the chosen layers' weights by trainable tables in place; return the layers' names."""
-    chosen = layers_to_palettize(unet, layers, keep)
+    """Replace the chosen layers' (conv/linear outside `keep`) weights by trainable tables in place; return their names."""
+    chosen = candidates(unet, layers, keep)
     for module in chosen.values():
         parametrize.register_parametrization(module, "weight", Palette(module.weight, bits))
         module.parametrizations.weight.original.requires_grad_(True)
@@ -76,7 +70,7 @@ def palettize_(unet, layers: str, keep: list[str], bits: int) -> list[str]:
 
 
 def finalize_(unet) -> None:
-    """Bake every table into ordinary float weights (at most 2**bits values per group)."""
+    """Bake every table into ordinary float weights (at most 2**bits values per layer)."""
     for module in unet.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)

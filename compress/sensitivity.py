@@ -16,6 +16,7 @@ KINDS = {"linear": (torch.nn.Linear,), "conv+linear": (torch.nn.Linear, torch.nn
 
 
 def candidates(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module]:
+    """The layers a backend quantizes: the chosen kinds, outside the kept modules (names or their prefixes)."""
     return {name: module for name, module in unet.named_modules() if isinstance(module, KINDS[layers])
             and not any(name == k or name.startswith(k + ".") for k in keep)}
 

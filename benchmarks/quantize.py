@@ -3,7 +3,8 @@
     python benchmarks/quantize.py --model STUDENT
                                   [--backend xnnpack|onnx-int8|coreml-w8a8|coreml-palette4|coreml-palette6|brevitas-w4a8]
                                   [--sample-steps 1]
-                                  [--qat-steps 600] [--lr 1e-5] [--prompts 256] [--calibration-prompts 256]
+                                  [--qat-steps 600] [--lr 1e-5] [--feature-weight W] [--prompts 256]
+                                  [--calibration-prompts 256]
                                   [--work quantize-bench] [--json F]
 
 Rows: the fp32 model; for ExecuTorch, post-training int8 of the linear layers alone (what `export
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--qat-steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--feature-weight", type=float, default=QuantizeConfig.model_fields["feature_weight"].default,
+                        help="QAT: weight of the stage-output KD terms (0: output distillation only)")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--calibration-prompts", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
@@ -64,7 +67,8 @@ def main() -> None:
     variants = {
         f"PTQ {kind}, linear": QuantizeConfig(layers="linear", keep=[], **common),
         f"PTQ {kind}, conv+linear": QuantizeConfig(**common),
-        f"QAT {kind}, conv+linear": QuantizeConfig(qat_steps=args.qat_steps, lr=args.lr, checkpoint_every=100, **common),
+        f"QAT {kind}, conv+linear": QuantizeConfig(qat_steps=args.qat_steps, lr=args.lr, feature_weight=args.feature_weight,
+                                                    checkpoint_every=100, **common),
     }
     if fmt != "executorch":
         del variants[f"PTQ {kind}, linear"]  # the row stands for ExecuTorch's own post-training int8 of a float model

@@ -47,6 +47,44 @@ def _outside(keep: list[str], root: str):
     return annotate
 
 
+class GraphTaps:
+    """The named modules' outputs at each forward of an exported graph: `distill.kd.Taps` for graphs.
+
+    An exported graph has no submodules to hook. A module's output is the last node traced inside it
+    (graph order is execution order); a node inserted after it keeps the value, gradient included,
+    until `remove` takes the inserted nodes out again."""
+
+    def __init__(self, graph: torch.fx.GraphModule, names: list[str], root: str = "unet"):
+        self.graph, self.outputs = graph, {}
+        last = {}
+        for node in graph.graph.nodes:
+            if node.op == "call_function":
+                for name in names:
+                    module = f"{root}.{name}"
+                    if any(path == module or path.startswith(module + ".") for path in _module_paths(node)):
+                        last[name] = node
+        missing = [name for name in names if name not in last]
+        if missing:
+            raise ValueError(f"no node of {root}.{missing[0]} in the graph")
+        self.taps = []
+        for name, node in last.items():
+            with graph.graph.inserting_after(node):
+                self.taps.append(graph.graph.call_function(self._keeper(name), (node,)))
+        graph.recompile()
+
+    def _keeper(self, name: str):
+        def keep(value):
+            self.outputs[name] = value
+        keep.__name__ = f"keep_{name.replace('.', '_')}"
+        return keep
+
+    def remove(self) -> None:
+        for tap in self.taps:
+            self.graph.graph.erase_node(tap)
+        self.taps = []
+        self.graph.recompile()
+
+
 def describe(scheme: str) -> str:
     chosen = SCHEMES[scheme]
     return (f"int8: per-channel symmetric weights in ±{chosen['weight_qmax']}, "

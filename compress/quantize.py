@@ -2,8 +2,9 @@
 
 One verb, the backend named in the config. Calibration and training data are the model's own
 sampling trajectories (every timestep the sampler visits, with the text and guidance inputs it
-feeds), recorded once; the fp32 UNet's outputs on them are the targets, so QAT is output
-distillation from the full-precision model (Intel's QAT + distillation recipe for SD on CPUs).
+feeds), recorded once; QAT distils the fp32 UNet on them: its outputs (Intel's QAT + distillation
+recipe for SD on CPUs) and, with `feature_weight`, its stage outputs (the KD stage's normalised
+feature terms; on the quickstart's student they did not beat output distillation, so off by default).
 
 What a quantized folder holds: a stock diffusers pipeline whose UNet weights are the (QAT-trained)
 float weights, which stock diffusers loads and runs in fp32, plus `unet/quantization.json` (the
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
+from ..distill.kd import Taps, block_pairs, feature_term
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
 from . import brevitas_w4a8, palettize, pt2e_int8, sensitivity
 from .calibration import extra_conditions, record_unet_inputs
@@ -54,6 +56,7 @@ class QuantizeConfig(RunSettings):
     keep: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding"])  # stay fp32
     keep_sensitive: int = Field(0, ge=0)  # also keep fp32 the layers int8 hurts most, measured one by one
     qat_steps: int = Field(0, ge=0)  # 0: post-training quantization only
+    feature_weight: float = Field(0.0, ge=0)  # QAT: weight of the normalised stage-output terms (measured: no gain here)
     batch: int = Field(8, ge=1)
     lr: float = Field(1e-5, gt=0)
     prompts: int = Field(64, ge=1)  # training captions whose trajectories calibrate (and train)
@@ -126,14 +129,36 @@ def _captions(split: str, count: int, seed: int) -> list[str]:
 
 
 class QATLoss:
-    """Output distillation: the fake-quantized graph's prediction against the fp32 UNet's, mean square."""
+    """Distillation from the fp32 UNet on recorded trajectories: output term + weighted feature terms (BK-SDM, LAPTOP-Diff).
 
-    def __init__(self, graph):
-        self.graph = graph
+    The output term is the mean square error to the fp32 prediction; each feature term is one
+    stage output's (every down block, the mid block, every up block) mean square error divided
+    by the fp32 feature's mean square, so quantization error early in the UNet is corrected where
+    it arises, not only as it reaches the output."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, feature_weight: float):
+        self.student, self.teacher, self.feature_weight = student, teacher, feature_weight
+        config = dict(teacher.unet.config)
+        names = [name for name, _ in block_pairs(config, config)] if feature_weight else []
+        self.student_taps = (pt2e_int8.GraphTaps(student, names, ROOT) if isinstance(student, torch.fx.GraphModule)
+                             else Taps(student.unet, names))
+        self.teacher_taps = Taps(teacher.unet, names)
 
     def __call__(self, batch: dict, _generator) -> dict[str, torch.Tensor]:
-        pred = self.graph(*_args({k: v for k, v in batch.items() if k != "target"}))
-        return {"loss": (pred.float() - batch["target"]).pow(2).mean()}
+        args = _args(batch)
+        with torch.no_grad():
+            target = self.teacher(*args).float()
+        terms = {"output_kd": (self.student(*args).float() - target).pow(2).mean()}
+        per_block = {f"feature/{name}": feature_term(kept, self.teacher_taps.outputs[name], normalize=True)
+                     for name, kept in self.student_taps.outputs.items()}
+        terms["feature_kd"] = sum(per_block.values()) if per_block else torch.zeros_like(terms["output_kd"])
+        self.student_taps.outputs.clear()
+        self.teacher_taps.outputs.clear()
+        return {"loss": terms["output_kd"] + self.feature_weight * terms["feature_kd"], **terms, **per_block}
+
+    def remove(self) -> None:
+        self.student_taps.remove()
+        self.teacher_taps.remove()
 
 
 def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
@@ -205,8 +230,8 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
                                           config.sampling_steps, config.guidance))
     size = min(config.batch, rows["sample"].shape[0], check["sample"].shape[0])
     reference = traced(unet)
-    rows["target"] = _outputs(reference, rows, size)
-    rows = {k: v[:rows["target"].shape[0]] for k, v in rows.items()}
+    whole = rows["sample"].shape[0] // size * size  # whole batches only: the graph's shapes are fixed
+    rows = {k: v[:whole] for k, v in rows.items()}
     expected = _outputs(reference, check, size)
 
     errors = sensitivity.layer_errors(reference, [_args(c) for c in itertools.islice(_chunks(rows, size), 8)],
@@ -221,9 +246,15 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     if spec["qat"]:
         pick = epoch_batches(rows["sample"].shape[0], size, config.seed)
         identity = {"model": hash_model_folder(ref.path), "config": config.model_dump()}
-        trainer = Trainer(model, QATLoss(model), lambda step: {k: v[pick(step)] for k, v in rows.items()},
+        loss = QATLoss(model, reference, config.feature_weight)
+        trainer = Trainer(model, loss, lambda step: {k: v[pick(step)] for k, v in rows.items()},
                           config.train_config(config.qat_steps, config.lr), out, "qat", identity)
-        trainer.run()
+        reference.to(trainer.accelerator.device)
+        try:
+            trainer.run()
+        finally:
+            loss.remove()
+            reference.to("cpu")
     _save(model, unet, spec, ref.path, out)
 
     saved = modelio.open_model(out)

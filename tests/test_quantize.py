@@ -95,6 +95,47 @@ def test_qat_trains_against_the_fp32_unet(tiny_pipeline, tmp_path):
                  log=lambda _: None)
 
 
+def test_graph_taps_keep_what_module_hooks_keep_and_leave_the_graph_as_it_was(tiny_pipeline):
+    from pocketdiff.compress import pt2e_int8
+    from pocketdiff.compress.quantize import traced
+    from pocketdiff.distill.kd import Taps, block_pairs
+
+    unet = modelio.load_unet(modelio.open_model(tiny_pipeline)).eval()
+    names = [name for name, _ in block_pairs(dict(unet.config), dict(unet.config))]
+    inputs = tuple(unet_component(unet, 8).inputs.values())
+    eager = traced(unet)
+    graph = torch.export.export(eager, inputs).module()
+    before = graph.code
+    hooks, taps = Taps(unet, names), pt2e_int8.GraphTaps(graph, names)
+    with torch.no_grad():
+        eager(*inputs)
+        graph(*inputs)
+    assert list(taps.outputs) == names and len(names) == 5
+    for name in names:
+        assert torch.allclose(taps.outputs[name], hooks.outputs[name], atol=1e-5), name
+    taps.remove()
+    assert graph.code == before
+    with pytest.raises(ValueError, match="no node of unet.up_blocks.9"):
+        pt2e_int8.GraphTaps(graph, ["up_blocks.9"])
+
+
+@pytest.mark.parametrize("backend", ["xnnpack", "coreml-palette4"])
+def test_qat_distils_every_stage_output(tiny_pipeline, tmp_path, backend):
+    config = QuantizeConfig(**SMALL, backend=backend, qat_steps=2, log_every=1, feature_weight=1.0)
+    quantize(modelio.open_model(tiny_pipeline), config, tmp_path / "features", log=lambda _: None)
+    rows = (tmp_path / "features" / "log.csv").read_text().splitlines()
+    header, first = rows[0].split(","), dict(zip(rows[0].split(","), map(float, rows[1].split(","))))
+    blocks = [key for key in header if key.startswith("feature/")]
+    assert blocks == ["feature/down_blocks.0", "feature/down_blocks.1", "feature/mid_block", "feature/up_blocks.0",
+                      "feature/up_blocks.1"]
+    assert all(first[key] > 0 for key in blocks)  # each stage's output is measurably off its fp32 counterpart
+    assert first["loss"] == pytest.approx(first["output_kd"] + first["feature_kd"], rel=1e-4)
+    quantize(modelio.open_model(tiny_pipeline), config.model_copy(update={"feature_weight": 0}), tmp_path / "output",
+             log=lambda _: None)
+    header = (tmp_path / "output" / "log.csv").read_text().splitlines()[0].split(",")
+    assert not any(key.startswith("feature/") for key in header)
+
+
 def test_a_guidance_student_is_quantized_with_its_guidance_input(tiny_pipeline, tmp_path):
     from pocketdiff.distill.steps import with_guidance_input
 

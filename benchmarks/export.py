@@ -22,7 +22,7 @@ from pathlib import Path
 CASES = [("default", "onnx", "fp32"), ("default", "executorch", "fp32"), ("default", "executorch", "int8"),
          ("default", "coreml", "fp16")]
 SD15_CASES = [("sd15", "onnx", "fp32"), ("sd15", "executorch", "fp32"), ("sd15", "executorch", "int8"),
-              ("sd15", "coreml", "fp16")]
+              ("sd15", "coreml", "fp16"), ("sd15", "coreml", "fp16-chunked")]  # chunked: UnetChunk1 + UnetChunk2
 
 
 def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict:
@@ -47,13 +47,17 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
         model = str(folder)
     ref = modelio.open_model(model)
     began = time.perf_counter()
-    report = export_model(ref, ExportConfig(to=[fmt], precision=precision), out, log=lambda _: None)[fmt]
+    chunked = precision.endswith("-chunked")
+    config = ExportConfig(to=[fmt], precision=precision.removesuffix("-chunked"), chunk_unet=chunked)
+    report = export_model(ref, config, out, log=lambda _: None)[fmt]
     result = {"export_seconds": round(time.perf_counter() - began, 1),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
               "components": {k: {f: v.get(f) for f in ("bytes", "export_seconds", "max_abs", "rel")}
                              for k, v in report["components"].items()},
               "image_psnr": report.get("image_psnr")}
     if fmt == "coreml":
+        if chunked:
+            result["chunk_bytes"] = {k: v["bytes"] for k, v in report["components"]["unet"]["chunks"].items()}
         return result
     pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
     (unet,) = model_components(ref, pipe, ("unet",))

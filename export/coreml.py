@@ -32,6 +32,7 @@ import torch
 
 from ..apps import modelio
 from ..apps.errors import UserError
+from . import unet_chunks
 from .clip_bpe import write_vocab_and_merges
 from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
 
@@ -43,6 +44,7 @@ RUNS_PIPELINE = False
 SWIFT_SCALE = 0.18215
 NO_RUNTIME_REASON = "numeric check skipped: Core ML runs only on macOS"
 SWIFT_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
+CHUNKS = ("UnetChunk1", "UnetChunk2")
 
 
 def check_precision(precision: str) -> None:
@@ -183,36 +185,66 @@ def _without_aliases(exported):
     return exported
 
 
+def _convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], precision: str,
+             quantization: tuple[dict, dict] | None):
+    ct = _quiet_coremltools()
+    with quiet_tracing():
+        exported = _without_aliases(torch.export.export(module, tuple(inputs.values())).run_decompositions({}))
+        model = ct.convert(
+            exported, convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS17 if precision == "int8" else ct.target.iOS16,
+            inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32) for n, v in inputs.items()],
+            outputs=[ct.TensorType(name=n) for n in outputs],
+            compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)
+    return _pack_palette(model, quantization)
+
+
+def _parts(component: Component, precision: str, quantization, chunked: bool) -> list[tuple[str, torch.nn.Module, dict, list]]:
+    """(Swift name, module, inputs, outputs) of each package a component ships as."""
+    if chunked:
+        if precision == "int8":
+            raise UserError("Core ML UNet chunking takes a float or palettized UNet; the int8 graph is one program")
+        return [(CHUNKS[i], module, inputs, outputs)
+                for i, (module, inputs, outputs) in enumerate(unet_chunks.chunks(component.module.unet, component.inputs))]
+    module = _int8_unet(component, quantization) if precision == "int8" else component.module
+    return [(SWIFT_NAMES[component.name], module, component.inputs, component.outputs)]
+
+
 def export_component(component: Component, folder: Path, precision: str,
-                     quantization: tuple[dict, dict] | None = None, **_) -> Path:
+                     quantization: tuple[dict, dict] | None = None, chunked: bool = False, **_) -> Path:
     """Convert one (adapted) component to `<out>/Resources/<SwiftName>.mlpackage`; return its path.
 
-    int8 (the UNet's saved W8A8 graph) computes in fp16 between its quantized layers and needs iOS 17
-    for int8 activations; everything else targets iOS 16 like Apple's converter."""
-    ct = _quiet_coremltools()
+    `chunked` (the UNet): `UnetChunk1` + `UnetChunk2` instead, the first's path returned. int8 (the
+    UNet's saved W8A8 graph) computes in fp16 between its quantized layers and needs iOS 17 for int8
+    activations; everything else targets iOS 16 like Apple's converter."""
     check_precision(precision)
     resources = folder.parent / "Resources"
     resources.mkdir(parents=True, exist_ok=True)
-    path = resources / f"{SWIFT_NAMES[component.name]}.mlpackage"
-    int8 = precision == "int8"
-    module = _int8_unet(component, quantization) if int8 else component.module
-    try:
-        with quiet_tracing():
-            exported = _without_aliases(torch.export.export(module, tuple(component.inputs.values())).run_decompositions({}))
-            model = ct.convert(
-                exported, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17 if int8 else ct.target.iOS16,
-                inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32)
-                        for n, v in component.inputs.items()],
-                outputs=[ct.TensorType(name=n) for n in component.outputs],
-                compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)
-            model = _pack_palette(model, quantization)
-    except Exception as err:  # coremltools names the op it cannot convert; keep that line
-        raise UserError(f"Core ML export of {component.name} failed: {(str(err).splitlines() or [repr(err)])[0]}") from None
-    model.short_description = f"pocketdiff {component.name} ({precision}), apple/ml-stable-diffusion layout"
+    paths = []
+    for name, module, inputs, outputs in _parts(component, precision, quantization, chunked):
+        try:
+            model = _convert(module, inputs, outputs, precision, quantization)
+        except Exception as err:  # coremltools names the op it cannot convert; keep that line
+            raise UserError(f"Core ML export of {name} failed: {(str(err).splitlines() or [repr(err)])[0]}") from None
+        model.short_description = f"pocketdiff {name} ({precision}), apple/ml-stable-diffusion layout"
+        paths.append(resources / f"{name}.mlpackage")
+        model.save(str(_emptied(paths[-1])))
+    if component.name == "unet":  # Swift prefers chunks where both exist: leave only the layout just written
+        for stale in {"Unet", *CHUNKS} - {path.stem for path in paths}:
+            _emptied(resources / f"{stale}.mlpackage")
+            _emptied(resources / f"{stale}.mlmodelc")
+    return paths[0]
+
+
+def _emptied(path: Path) -> Path:
     if path.exists():
         shutil.rmtree(path)
-    model.save(str(path))
     return path
+
+
+def package_paths(path: Path) -> list[Path]:
+    """The packages behind an exported component's path: both chunks for `UnetChunk1`."""
+    return [path.with_name(f"{name}.mlpackage") for name in CHUNKS] if path.name == f"{CHUNKS[0]}.mlpackage" else [path]
 
 
 def _operations(block) -> Counter:
@@ -224,19 +256,13 @@ def _operations(block) -> Counter:
     return ops
 
 
-def structural_check(path: Path, component: Component) -> dict:
-    """The package's declared I/O against the Swift contract, its op census and weight dtypes."""
+def _declared(path: Path, name: str) -> dict:
+    """A package's declared I/O (inputs must be float32, as Swift feeds them), op census, weight dtypes."""
     ct = _quiet_coremltools()
     spec = ct.utils.load_spec(str(path))
-    declared = {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input}
-    outputs = [o.name for o in spec.description.output]
-    expected = {name: list(value.shape) for name, value in component.inputs.items()}
-    if declared != expected or outputs != component.outputs:
-        raise UserError(f"Core ML {component.name}: declares inputs {declared} / outputs {outputs}, "
-                        f"the Swift contract needs {expected} / {component.outputs}")
     float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
     if any(i.type.multiArrayType.dataType != float32 for i in spec.description.input):
-        raise UserError(f"Core ML {component.name}: inputs must be float32 for the Swift package")
+        raise UserError(f"Core ML {name}: inputs must be float32 for the Swift package")
     ops, weight_types = Counter(), Counter()
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():
@@ -245,17 +271,55 @@ def structural_check(path: Path, component: Component) -> dict:
                 if op.type == "const":
                     for out in op.outputs:
                         weight_types[ct.proto.MIL_pb2.DataType.Name(out.type.tensorType.dataType)] += 1
-    return {"inputs": declared, "outputs": outputs, "ops": dict(ops.most_common()),
-            "const_dtypes": dict(weight_types), "spec_version": spec.specificationVersion}
+    return {"inputs": {i.name: list(i.type.multiArrayType.shape) for i in spec.description.input},
+            "outputs": [o.name for o in spec.description.output], "ops": ops, "const_dtypes": weight_types,
+            "spec_version": spec.specificationVersion}
+
+
+def structural_check(path: Path, component: Component) -> dict:
+    """The package's declared I/O against the Swift contract, its op census and weight dtypes.
+
+    Chunks: the first takes the UNet's inputs; every input of the second is an output of the first
+    or an input of the UNet (what Swift merges), and its first output is the noise prediction."""
+    paths = package_paths(path)
+    parts = [_declared(p, p.name) for p in paths]
+    expected = {name: list(value.shape) for name, value in component.inputs.items()}
+    first, last = parts[0], parts[-1]
+    # Swift reads the last chunk's first output; a whole package declares exactly the contract's outputs
+    outputs_ok = last["outputs"][:1] == component.outputs[:1] if len(parts) > 1 else last["outputs"] == component.outputs
+    if first["inputs"] != expected or not outputs_ok:
+        raise UserError(f"Core ML {component.name}: declares inputs {first['inputs']} / outputs {last['outputs']}, "
+                        f"the Swift contract needs {expected} / {component.outputs}")
+    if len(parts) > 1:
+        missing = set(last["inputs"]) - set(first["outputs"]) - set(expected)
+        if missing:
+            raise UserError(f"Core ML {paths[-1].name}: inputs {sorted(missing)} are neither outputs of "
+                            f"{paths[0].name} nor UNet inputs")
+    entry = {"inputs": first["inputs"], "outputs": last["outputs"],
+             "ops": dict(sum((p["ops"] for p in parts), Counter()).most_common()),
+             "const_dtypes": dict(sum((p["const_dtypes"] for p in parts), Counter())),
+             "spec_version": max(p["spec_version"] for p in parts)}
+    if len(parts) > 1:
+        entry["chunks"] = {p.name: {"inputs": list(part["inputs"]), "outputs": part["outputs"],
+                                    "bytes": _package_bytes(p)} for p, part in zip(paths, parts)}
+    return entry
 
 
 class CoreMLModel:
+    """A package, or chunks run as Swift runs them: each on its predecessor's outputs merged with the inputs."""
+
     def __init__(self, path: Path):
         ct = _quiet_coremltools()
-        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+        self.models = [ct.models.MLModel(str(p), compute_units=ct.ComputeUnit.CPU_ONLY) for p in package_paths(path)]
 
     def __call__(self, inputs: dict) -> dict:
-        return self.model.predict({k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()})
+        feed = {k: np.asarray(v, dtype=np.float32) for k, v in inputs.items()}
+        outputs = self.models[0].predict(feed)
+        for model in self.models[1:]:
+            names = [i.name for i in model.get_spec().description.input]
+            merged = {**feed, **outputs}
+            outputs = model.predict({name: merged[name] for name in names})
+        return outputs
 
 
 def load(path: Path):
@@ -263,18 +327,21 @@ def load(path: Path):
     return CoreMLModel(path) if platform.system() == "Darwin" else None
 
 
-def write_layout(ref: modelio.ModelRef, out: Path, names: list[str]) -> None:
+def write_layout(ref: modelio.ModelRef, out: Path, _names: list[str]) -> None:
     """The tokenizer files beside the models; on macOS also the compiled `.mlmodelc` Swift loads."""
     resources = out / "Resources"
     if (ref.path / "tokenizer").is_dir():
         write_vocab_and_merges(ref.path / "tokenizer", resources)
     if platform.system() == "Darwin":
         ct = _quiet_coremltools()
-        for name in names:
-            package = resources / f"{SWIFT_NAMES[name]}.mlpackage"
+        for package in sorted(resources.glob("*.mlpackage")):
             compiled = Path(ct.utils.compile_model(str(package)))
-            shutil.move(str(compiled), resources / f"{SWIFT_NAMES[name]}.mlmodelc")
+            shutil.move(str(compiled), _emptied(package.with_suffix(".mlmodelc")))
+
+
+def _package_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def file_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return sum(_package_bytes(p) for p in package_paths(path))

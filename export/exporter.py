@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..apps import modelio
 from . import parity
@@ -42,6 +42,13 @@ class ExportConfig(BaseModel):
     guidance: float = Field(7.5, ge=0)
     thresholds: parity.ParityThresholds = Field(default_factory=parity.ParityThresholds)
     workers: int = Field(1, ge=1)  # processes exporting components side by side; each holds its own copy of the model
+    chunk_unet: bool = False  # Core ML: the UNet as UnetChunk1 + UnetChunk2 (Swift's layout for large UNets on iOS)
+
+    @model_validator(mode="after")
+    def chunks_are_core_ml(self):
+        if self.chunk_unet and ("coreml" not in self.to or "unet" not in self.components):
+            raise ValueError("chunk_unet splits the Core ML UNet: export the unet to coreml")
+        return self
 
 
 def _format_module(name: str):
@@ -134,6 +141,8 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
     began = time.perf_counter()
     quantization = read_quantization(ref) if name == "unet" else None
     extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
+    if fmt == "coreml" and name == "unet":
+        extra["chunked"] = config.chunk_unet
     extra["quantization"] = quantization
     if own_precision == "int8":
         if pipe is not None and quantization is None:

@@ -126,6 +126,7 @@ def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
     (["--to", "coreml", "--precision", "int8"], "Core ML int8 ships the UNet `pocketdiff quantize --backend "
                                                 "coreml-w8a8` makes; this model is not quantized"),
     (["--components", "safety_checker"], "components.0: Input should be"),
+    (["--to", "onnx", "--chunk-unet"], "chunk_unet splits the Core ML UNet: export the unet to coreml"),
 ])
 def test_bad_export_requests_exit_2(tiny_pipeline, tmp_path, args, message):
     result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), *args, "--out", str(tmp_path)],
@@ -233,6 +234,75 @@ def test_coreml_takes_midblockless_and_guidance_embedded_unets(tmp_path):
     report = export_model(modelio.open_model(lcm), ExportConfig(to=["coreml"]), tmp_path / "b", log=lambda _: None)
     inputs = report["coreml"]["components"]["unet"]["inputs"]
     assert inputs["timestep_cond"] == [1, 16] and inputs["sample"][0] == 1  # guidance-free student: batch one
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mid_block_type": None}, {"time_cond_proj_dim": 16},
+                                       {"layers_per_block": 1, "block_out_channels": [32, 64, 64]}])
+def test_unet_chunks_compute_the_unet(tmp_path, overrides):
+    from pocketdiff.export import coreml, unet_chunks
+    from pocketdiff.export.components import model_components
+
+    if "block_out_channels" in overrides:
+        overrides.update(down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    ref = modelio.open_model(_unet_folder(tmp_path, "unet", **overrides))
+    unet = modelio.load_unet(ref)
+    (component,) = model_components(ref, None, ("unet",), None)
+    component = coreml.adapt(component, None, ref)
+    (first, first_inputs, names), (second, second_inputs, outputs) = unet_chunks.chunks(unet, component.inputs)
+    with torch.no_grad():
+        handed = {**component.inputs, **dict(zip(names, first(*first_inputs.values())))}  # as Swift merges them
+        chunked = second(*(handed[name] for name in second_inputs))
+        whole = component.module(*component.inputs.values())
+    assert torch.equal(chunked, whole) and outputs == ["noise_pred"]
+    assert set(second_inputs) <= set(names) | set(component.inputs) and "sample" not in names
+    assert len({id(t) for t in handed.values()}) == len(handed)  # Core ML merges outputs that are one tensor
+
+
+def test_sd15_unet_chunks_each_run_about_half_the_weights():
+    from diffusers import UNet2DConditionModel
+
+    from pocketdiff.devices.anchors import SD15_UNET
+    from pocketdiff.export import unet_chunks
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(SD15_UNET).eval()
+        inputs = {"sample": torch.zeros(2, 4, 64, 64), "timestep": torch.zeros(2),
+                  "encoder_hidden_states": torch.zeros(2, 768, 1, 77)}
+    ran, owners = [], [m for m in unet.modules() if any(True for _ in m.parameters(recurse=False))]
+    hooks = [m.register_forward_hook(lambda module, *_: ran.append(module)) for m in owners]
+    weights = []
+    for module, example, _ in unet_chunks.chunks(unet, inputs):
+        ran.clear()
+        module(*example.values())
+        weights.append(sum(p.numel() for m in set(ran) for p in m.parameters(recurse=False)))
+    for hook in hooks:
+        hook.remove()
+    assert sum(weights) == sum(p.numel() for p in unet.parameters())  # every weight runs, in one chunk only
+    assert 0.45 < weights[0] / sum(weights) < 0.55, weights
+
+
+def test_coreml_unet_ships_in_two_chunks_swift_runs_in_turn(tmp_path):
+    from pocketdiff.export import coreml
+
+    lcm = modelio.open_model(_unet_folder(tmp_path, "lcm", time_cond_proj_dim=16, mid_block_type=None))
+    config = ExportConfig(to=["coreml"], chunk_unet=True)
+    entry = export_model(lcm, config, tmp_path / "out", log=lambda _: None)["coreml"]["components"]["unet"]
+    resources = tmp_path / "out" / "coreml" / "Resources"
+    assert sorted(p.name for p in resources.glob("*.mlpackage")) == ["UnetChunk1.mlpackage", "UnetChunk2.mlpackage"]
+    first, second = entry["chunks"].values()
+    assert entry["inputs"] == {"sample": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 32, 1, 77],
+                               "timestep_cond": [1, 16]}
+    assert first["inputs"] == list(entry["inputs"]) and second["outputs"] == ["noise_pred"] == entry["outputs"]
+    assert set(second["inputs"]) <= set(first["outputs"]) | set(entry["inputs"])
+    assert entry["bytes"] == first["bytes"] + second["bytes"]
+    whole = export_model(lcm, ExportConfig(to=["coreml"]), tmp_path / "out", log=lambda _: None)["coreml"]
+    assert sorted(p.name for p in resources.glob("*.mlpackage")) == ["Unet.mlpackage"]  # no stale chunks for Swift
+    assert abs(whole["components"]["unet"]["bytes"] - entry["bytes"]) < 0.02 * entry["bytes"]
+    assert max(first["bytes"], second["bytes"]) < 0.75 * entry["bytes"]
+    component = type("Int8", (), {"name": "unet"})()
+    with pytest.raises(UserError, match="chunking takes a float or palettized UNet"):
+        coreml._parts(component, "int8", None, chunked=True)
 
 
 def test_sdxl_pipeline_is_refused_clearly():

@@ -144,6 +144,8 @@ def prune(model: ModelArg,
           device: Annotated[str, typer.Option(help="With latency=R: the device profile the latency is judged on.")] = "host-cpu",
           latency_table: Annotated[Optional[Path], typer.Option(
               help="With latency=R: a saved lookup table (latency_table.json of an earlier run) instead of timing again.")] = None,
+          runtime: Annotated[str, typer.Option(
+              help="With latency=R on host-cpu: time the table's layers in torch (eager) or onnxruntime.")] = "torch",
           criterion: Annotated[str, typer.Option(help="With --target: distortion, magnitude or random.")] = "distortion",
           prompt: Annotated[Optional[list[str]], typer.Option(
               help="Calibration prompt for the distortion criterion; repeat for several (default: 16 built in).")] = None,
@@ -166,7 +168,7 @@ def prune(model: ModelArg,
     else:
         report = prune_to_target(ref, parse_target(target), out, criterion, prompt, steps, guidance, seed,
                                  progress=lambda units: track(units, description="scoring units", console=console),
-                                 device=device, table_file=latency_table)
+                                 device=device, table_file=latency_table, runtime=runtime)
         title = f"{target} by {criterion}: removed {len(report['removed_units'])} units"
         units = Table(title="units (score: relative output error when removed alone)")
         for column in ("unit", "score", "saves", "removed"):
@@ -184,7 +186,7 @@ def prune(model: ModelArg,
         table.add_row(label, f"{before / scale:.3f}", f"{after / scale:.3f}", f"{after / max(before, 1):.3f}")
     console.print(table)
     if "latency_ms_before" in report:
-        console.print(f"predicted latency on {report['device']}: {report['latency_ms_before']:.1f} → "
+        console.print(f"predicted latency on {report['device']} ({report['runtime']}): {report['latency_ms_before']:.1f} → "
                       f"{report['latency_ms_after']:.1f} ms (lookup table: {out / 'latency_table.json'})")
     console.print("removed: " + ", ".join(report["removed"]))
     console.print(f"pruned model: {out}  (report: {out / 'prune_report.json'})")
@@ -268,6 +270,7 @@ def export_(model: ModelArg,
             max_abs: Annotated[float, typer.Option(help="fp32 per-component max-abs error limit.")] = 1e-3,
             min_psnr: Annotated[Optional[float], typer.Option(help="End-to-end image PSNR limit in dB (default by precision: 40 fp32, 30 fp16, 25 int8).")] = None,
             workers: Annotated[int, typer.Option(help="Processes exporting components side by side (each loads the model).")] = 1,
+            chunk_unet: Annotated[bool, typer.Option(help="Core ML: the UNet as UnetChunk1 + UnetChunk2, as Swift loads large UNets on iOS.")] = False,
             allow_pickle: AllowPickle = False):
     """Export every component to ONNX (optimum's layout), ExecuTorch (.pte) or Core ML (Swift layout), checked against PyTorch."""
     from pydantic import ValidationError
@@ -276,7 +279,7 @@ def export_(model: ModelArg,
     from ..export.parity import ParityThresholds
 
     fields = {"to": to.split(","), "precision": precision, "executorch_backends": executorch_backends.split(","),
-              "workers": workers}
+              "workers": workers, "chunk_unet": chunk_unet}
     if components:
         fields["components"] = components.split(",")
     limits = {"max_abs_fp32": max_abs}
@@ -423,6 +426,8 @@ def quantize(model: ModelArg,
                  help="xnnpack (ExecuTorch), onnx-int8 (onnxruntime QDQ), coreml-w8a8, coreml-palette4, coreml-palette6 "
                       "(Core ML), brevitas-w4a8 (ONNX QCDQ, research).")] = "xnnpack",
              qat_steps: Annotated[int, typer.Option(help="Quantization-aware training steps; 0: post-training only.")] = 0,
+             feature_weight: Annotated[float, typer.Option(
+                 help="QAT: weight of the normalised stage-output KD terms beside the output term; 0: output only.")] = 0.0,
              layers: Annotated[str, typer.Option(help="conv+linear or linear.")] = "conv+linear",
              keep: Annotated[str, typer.Option(help="Comma-separated UNet modules kept fp32.")] = "conv_in,conv_out,time_embedding",
              keep_sensitive: Annotated[int, typer.Option(
@@ -437,7 +442,7 @@ def quantize(model: ModelArg,
     from ..compress.quantize import QuantizeConfig, quantize as run_quantize
 
     try:
-        config = QuantizeConfig(backend=backend, qat_steps=qat_steps, layers=layers,
+        config = QuantizeConfig(backend=backend, qat_steps=qat_steps, feature_weight=feature_weight, layers=layers,
                                 keep=[k for k in keep.split(",") if k], keep_sensitive=keep_sensitive, batch=batch, lr=lr, prompts=prompts,
                                 sampling_steps=sampling_steps, guidance=guidance, checkpoint_every=checkpoint_every,
                                 seed=seed)

@@ -52,6 +52,7 @@ class PruneConfig(StageConfig):
     target: str | None = None
     criterion: Literal["distortion", "magnitude", "random"] = "distortion"
     device: str = "host-cpu"  # a latency target is judged on this device profile
+    runtime: Literal["torch", "onnxruntime"] = "torch"  # host-cpu: the runtime the latency table is timed in
     prompts: list[str] | None = Field(None, min_length=1)
     steps: int = Field(10, ge=1)
     guidance: float = Field(7.5, ge=0)
@@ -84,7 +85,8 @@ def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
         report = prune_preset(ctx.model, config.preset, ctx.out)
     else:
         report = prune_to_target(ctx.model, parse_target(config.target), ctx.out, config.criterion, config.prompts,
-                                 config.steps, config.guidance, config.seed, device=config.device)
+                                 config.steps, config.guidance, config.seed, device=config.device,
+                                 runtime=config.runtime)
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 

@@ -91,12 +91,13 @@ def calibration_batches(ref: modelio.ModelRef, prompts: list[str], steps: int, g
 
 def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, criterion: str = "distortion",
                     prompts: list[str] | None = None, steps: int = 10, guidance: float = 7.5, seed: int = 0,
-                    progress: Callable = iter, device: str = "host-cpu", table_file: Path | None = None) -> dict:
+                    progress: Callable = iter, device: str = "host-cpu", table_file: Path | None = None,
+                    runtime: str = "torch") -> dict:
     """One-shot pruning of `ref`'s UNet to `target`; write the pruned model and its report to `out`.
 
     A latency target is judged on `device` by a lookup table (`devices.lookup`): read from
-    `table_file` when given, else built now (host-cpu: each layer timed once; a phone: its
-    calibrated roofline) and saved beside the pruned model for reuse.
+    `table_file` when given, else built now (host-cpu: each layer timed once in `runtime`, torch
+    eager or onnxruntime; a phone: its calibrated roofline) and saved beside the pruned model for reuse.
     """
     if criterion not in oneshot.CRITERIA:
         raise UserError(f"unknown criterion {criterion!r} (choose from {', '.join(oneshot.CRITERIA)})")
@@ -107,7 +108,7 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
     batches = calibration_batches(ref, prompts, steps, guidance) if criterion == "distortion" else []
     teacher = _teacher(ref)
     config = dict(teacher.config)
-    table = _latency_table(config, device, table_file) if target.metric == "latency" else None
+    table = _latency_table(config, device, table_file, runtime) if target.metric == "latency" else None
     costs = oneshot.Costs(config, target.metric, table)
     units = oneshot.removable_units(config, costs)
     if criterion == "distortion":
@@ -131,18 +132,18 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
         "removed_units": [u.name for u in chosen],
     }
     if table is not None:
-        details.update(device=device, latency_ms_before=full, latency_ms_after=costs(plan))
+        details.update(device=device, runtime=table.runtime, latency_ms_before=full, latency_ms_after=costs(plan))
         Path(out).mkdir(parents=True, exist_ok=True)
         table.save(Path(out) / "latency_table.json")
     return _save(ref, student, removed, plan, Path(out), details)
 
 
-def _latency_table(config: dict, device: str, table_file: Path | None):
+def _latency_table(config: dict, device: str, table_file: Path | None, runtime: str):
     from ..devices.lookup import LatencyTable, build_table
 
     if table_file is None:
-        return build_table(config, device, batch=modelio.unet_batch(config))
+        return build_table(config, device, batch=modelio.unet_batch(config), runtime=runtime)
     table = LatencyTable.load(table_file)
-    if table.device != device:
-        raise UserError(f"{table_file}: a table for {table.device}, not {device}")
+    if (table.device, table.runtime) != (device, runtime):
+        raise UserError(f"{table_file}: a table for {table.device} ({table.runtime}), not {device} ({runtime})")
     return table

@@ -9,23 +9,29 @@ concatenations, activations outside layers) are folded in by one factor, the tea
 whole-model time over the sum of its layers, so the prediction for the teacher is exact by
 construction and a variant's error comes only from how layers compose.
 
-Entries come from timing each layer alone on this machine (`source="measured"`, torch eager, the
-backend the table names), or from a device profile's calibrated roofline for devices not at hand
-(`source="roofline"`). Layers a table lacks are measured (or estimated) when first asked for.
+Entries come from timing each layer alone on this machine (`source="measured"`, in the table's
+`runtime`: torch eager, or onnxruntime with each layer exported alone to ONNX, since a table timed
+in one runtime mispredicts another where per-node overhead differs), or from a device profile's
+calibrated roofline for devices not at hand (`source="roofline"`). Layers a table lacks are
+measured (or estimated) when first asked for.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from ..apps.errors import UserError
 from .timing import call_times
 
+RUNTIMES = ("torch", "onnxruntime")
 LAYER = re.compile(r"^(conv_in|time_embedding|conv_norm_out|conv_out|mid_block|"
                    r"(down|up)_blocks\.\d+\.(resnets|attentions|downsamplers|upsamplers)\.\d+)$")
 
@@ -86,18 +92,60 @@ def _materialize(value, generator: torch.Generator):
     return value
 
 
-def time_layer(call: Call, runs: int) -> float:
-    """Best-of-`runs` ms of the layer alone on this machine's CPU (random weights: time does not depend on values).
-
-    Tables take the best of N: on a shared machine interference only ever adds time, so the
-    minimum is the steadiest estimate of the work itself."""
+def _replayable(call: Call) -> tuple[torch.nn.Module, tuple, dict]:
+    """The layer with real weights (random: time does not depend on values) and real inputs shaped as recorded."""
     module = call.module
     if any(p.is_meta for p in module.parameters()):
         module = module.to_empty(device="cpu")
         for p in module.parameters():
             torch.nn.init.normal_(p, std=0.02)
     generator = torch.Generator().manual_seed(0)
-    args, kwargs = _materialize(call.args, generator), _materialize(call.kwargs, generator)
+    return module.eval(), _materialize(call.args, generator), _materialize(call.kwargs, generator)
+
+
+class _TensorsOnly(torch.nn.Module):
+    """A call with its tensor arguments as the only inputs (the rest fixed): what an ONNX graph takes."""
+
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        super().__init__()
+        self.module, self.args, self.kwargs = module, args, kwargs
+        self.tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+    def forward(self, *tensors):
+        given = iter(tensors)
+        args = [next(given) if isinstance(v, torch.Tensor) else v for v in self.args]
+        kwargs = {k: next(given) if isinstance(v, torch.Tensor) else v for k, v in self.kwargs.items()}
+        return self.module(*args, **kwargs)
+
+
+def onnxruntime_times(module: torch.nn.Module, args: tuple, kwargs: dict, runs: int) -> list[float]:
+    """ms of `runs` calls of `module(*args, **kwargs)` exported alone to ONNX and run by onnxruntime's CPU provider."""
+    import onnxruntime
+
+    from ..export.components import quiet_tracing
+    from ..export.onnx import OPSET
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # as the ONNX export does: no per-export chatter
+    call = _TensorsOnly(module, args, kwargs).eval()
+    names = [f"input_{i}" for i in range(len(call.tensors))]
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad(), quiet_tracing():
+        path = str(Path(folder) / "layer.onnx")
+        torch.onnx.export(call, tuple(call.tensors), path, dynamo=True, opset_version=OPSET, input_names=names,
+                          optimize=False, verbose=False)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    by_name = dict(zip(names, call.tensors))
+    feed = {i.name: by_name[i.name].numpy() for i in session.get_inputs()}  # an unused input is not in the graph
+    return call_times(lambda: session.run(None, feed), runs)
+
+
+def time_layer(call: Call, runs: int, runtime: str = "torch") -> float:
+    """Best-of-`runs` ms of the layer alone on this machine's CPU, in `runtime`.
+
+    Tables take the best of N: on a shared machine interference only ever adds time, so the
+    minimum is the steadiest estimate of the work itself."""
+    module, args, kwargs = _replayable(call)
+    if runtime == "onnxruntime":
+        return min(onnxruntime_times(module, args, kwargs, runs))
     with torch.no_grad():
         return min(call_times(lambda: module(*args, **kwargs), runs))
 
@@ -112,6 +160,7 @@ class LatencyTable:
     glue: float = 1.0  # teacher's whole-model ms ÷ the sum of its layers' ms
     teacher_ms: float | None = None
     runs: int = 10
+    runtime: Literal["torch", "onnxruntime"] = "torch"  # what a measured table's times come from
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(vars(self), indent=1))
@@ -130,7 +179,7 @@ class LatencyTable:
 
     def _cost(self, call: Call) -> float:
         if self.source == "measured":
-            return time_layer(call, self.runs)
+            return time_layer(call, self.runs, self.runtime)
         from .opcount import record_ops
         from .profiles import load_profile
         from .roofline import estimate
@@ -160,8 +209,8 @@ class LatencyTable:
             return layer_calls(unet, inputs)
 
 
-def unet_times(config: dict, latent: int, batch: int, runs: int) -> list[float]:
-    """ms of each of `runs` calls of the whole UNet (random weights) on this machine's CPU."""
+def unet_times(config: dict, latent: int, batch: int, runs: int, runtime: str = "torch") -> list[float]:
+    """ms of each of `runs` calls of the whole UNet (random weights) on this machine's CPU, in `runtime`."""
     from diffusers import UNet2DConditionModel
 
     from ..apps import modelio
@@ -169,16 +218,24 @@ def unet_times(config: dict, latent: int, batch: int, runs: int) -> list[float]:
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(config).eval()
     inputs = modelio.unet_example_inputs(config, latent, batch=batch, generator=torch.Generator().manual_seed(0))
+    if runtime == "onnxruntime":
+        return onnxruntime_times(unet, (), {**inputs, "return_dict": False}, runs)
     with torch.no_grad():
         return call_times(lambda: unet(**inputs), runs)
 
 
 def build_table(config: dict, device: str = "host-cpu", latent: int | None = None, batch: int = 1,
-                runs: int = 10) -> LatencyTable:
-    """A table holding every layer of the teacher `config`, with the glue factor from the teacher's own time."""
+                runs: int = 10, runtime: str = "torch") -> LatencyTable:
+    """A table holding every layer of the teacher `config`, with the glue factor from the teacher's own time.
+
+    `runtime` (host-cpu only): torch eager or onnxruntime, the runtime whose times the table holds."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"runtime {runtime!r}: a latency table is timed in {' or '.join(RUNTIMES)}")
     latent = latent or config["sample_size"]
     source = "measured" if device == "host-cpu" else "roofline"
-    table = LatencyTable(device, source, latent, batch, runs=runs)
+    if runtime != "torch" and source != "measured":
+        raise UserError(f"a {runtime} latency table is timed on this machine (device host-cpu), not {device}")
+    table = LatencyTable(device, source, latent, batch, runs=runs, runtime=runtime)
     if source == "measured":
-        table.anchor(config, min(unet_times(config, latent, batch, runs)))
+        table.anchor(config, min(unet_times(config, latent, batch, runs, runtime)))
     return table

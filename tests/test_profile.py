@@ -224,6 +224,31 @@ def test_lookup_table_shares_layers_and_is_exact_on_the_teacher(three_stage_pipe
     assert phone.source == "roofline" and 0 < phone.predict(small) < phone.predict(config)
 
 
+def test_an_onnxruntime_table_runs_every_layer_in_onnxruntime(three_stage_pipeline, monkeypatch):
+    import onnxruntime
+
+    from pocketdiff.compress.blocks import preset_config
+    from pocketdiff.devices.lookup import build_table
+
+    sessions = []
+
+    class Counted(onnxruntime.InferenceSession):
+        def __init__(self, path, **kwargs):
+            super().__init__(path, **kwargs)
+            sessions.append(path)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Counted)
+    config = modelio.unet_config(modelio.open_model(three_stage_pipeline))
+    table = build_table(config, runs=3, runtime="onnxruntime")
+    assert table.runtime == "onnxruntime" and table.predict(config) == pytest.approx(table.teacher_ms)
+    assert len(sessions) == len(table.entries) + 1  # each layer alone, and the whole UNet for the glue factor
+    assert 0 < table.predict(preset_config(config, "bk-small")) < table.predict(config)
+    with pytest.raises(UserError, match="timed on this machine \\(device host-cpu\\), not galaxy-s24"):
+        build_table(config, "galaxy-s24", runtime="onnxruntime")
+    with pytest.raises(UserError, match="runtime 'tvm': a latency table is timed in torch or onnxruntime"):
+        build_table(config, runtime="tvm")
+
+
 def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):
     from pocketdiff.compress.oneshot import Target
     from pocketdiff.compress.prune import prune_to_target
@@ -237,7 +262,7 @@ def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):
     ref, table = modelio.open_model(three_stage_pipeline), tmp_path / "a" / "latency_table.json"
     again = prune_to_target(ref, Target("latency", 0.7), tmp_path / "b", criterion="random", table_file=table)
     assert again["removed"] == report["removed"]  # the saved table, read back, makes the same choice
-    with pytest.raises(UserError, match="a table for host-cpu, not galaxy-s24"):
+    with pytest.raises(UserError, match=r"a table for host-cpu \(torch\), not galaxy-s24 \(torch\)"):
         prune_to_target(ref, Target("latency", 0.7), tmp_path / "c", criterion="random", device="galaxy-s24",
                         table_file=table)
 

@@ -159,11 +159,13 @@ def test_the_most_sensitive_layers_stay_fp32(ptq, tiny_pipeline, tmp_path):
     assert len(ranked) == 10 and all(not name.startswith(("conv_in", "conv_out", "time_embedding")) for name in ranked)
     errors = list(ptq[1]["most_sensitive_layers"].values())
     assert errors == sorted(errors, reverse=True) and errors[0] > 0
-    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, keep_sensitive=2), tmp_path / "mixed",
+    # Eight, not two: on this random-weight UNet the end error moves by ~2 % either way with two or four
+    # layers kept (it rose on CI's CPU), and falls by a third with eight.
+    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, keep_sensitive=8), tmp_path / "mixed",
                       log=lambda _: None)
-    assert report["spec"]["keep"] == ptq[1]["spec"]["keep"] + ranked[:2]
-    assert sum(report["quantized_layers"].values()) == sum(ptq[1]["quantized_layers"].values()) - 2
-    assert report["unet_relative_error"] < ptq[1]["unet_relative_error"]
+    assert report["spec"]["keep"] == ptq[1]["spec"]["keep"] + ranked[:8]
+    assert sum(report["quantized_layers"].values()) == sum(ptq[1]["quantized_layers"].values()) - 8
+    assert report["unet_relative_error"] < 0.9 * ptq[1]["unet_relative_error"]
 
 
 def test_cli_quantizes_and_refuses_what_is_not_built(tiny_pipeline, tmp_path):

@@ -374,7 +374,7 @@ def vae(model: ModelArg,
 @distill_app.command("steps")
 def steps_(model: ModelArg,
            out: Annotated[Path, typer.Option(help="Folder for the few-step pipeline, its log and checkpoints.")],
-           method: Annotated[str, typer.Option(help="lcm or progressive (dmd: not built yet).")] = "lcm",
+           method: Annotated[str, typer.Option(help="lcm, progressive or dmd (distribution matching, 1 step).")] = "lcm",
            steps: Annotated[int, typer.Option(help="Optimiser steps (per round for progressive).")] = 500,
            batch: int = 32, lr: float = 1e-4, warmup_steps: int = 0,
            guidance_min: Annotated[float, typer.Option(help="Lowest guidance scale distilled into the student.")] = 3.0,
@@ -386,23 +386,27 @@ def steps_(model: ModelArg,
            final_steps: Annotated[int, typer.Option(help="progressive: the last student's steps.")] = 1,
            prediction: Annotated[str, typer.Option(
                help="progressive: the student's output (teacher, epsilon, v_prediction, sample).")] = "teacher",
+           fake_updates: Annotated[int, typer.Option(
+               help="dmd: fake-score updates per generator update (DMD2's two time-scale rule uses 5).")] = 1,
+           regression_weight: Annotated[float, typer.Option(
+               help="dmd: weight of the regression to the teacher's samples; 0: distribution matching only.")] = 1.0,
+           regression_pairs: Annotated[int, typer.Option(help="dmd: prompts the guided teacher samples once.")] = 1024,
            data: Annotated[str, typer.Option(help="'openmoji' or a folder of images with metadata.jsonl.")] = "openmoji",
            captions: Annotated[Optional[Path], typer.Option(
                help="Data-free: a captions file (one per line); the teacher's samples become the data.")] = None,
            mixed_precision: Annotated[str, typer.Option(help="auto (bf16 on CUDA), no, bf16 or fp16.")] = "auto",
            checkpoint_every: int = 100, seed: int = 0):
-    """Distil MODEL to a 1–4 step student with guidance in its weights (LCM or progressive). Resumes from OUT."""
+    """Distil MODEL to a 1–4 step student with guidance in its weights (LCM, progressive or DMD). Resumes from OUT."""
     from pydantic import ValidationError
 
     from ..distill.steps import StepDistillConfig, distill_steps
 
-    if method == "dmd":
-        raise UserError("distill steps: --method dmd is not built yet (issue #7); use lcm or progressive")
     try:
         config = StepDistillConfig(method=method, steps=steps, batch=batch, lr=lr, warmup_steps=warmup_steps,
                                    guidance_min=guidance_min, guidance_max=guidance_max, solver_steps=solver_steps,
                                    loss=loss, target_decay=target_decay, start_steps=start_steps,
-                                   final_steps=final_steps, prediction=prediction, data=data,
+                                   final_steps=final_steps, prediction=prediction, fake_updates=fake_updates,
+                                   regression_weight=regression_weight, regression_pairs=regression_pairs, data=data,
                                    captions=str(captions) if captions else None, mixed_precision=mixed_precision,
                                    checkpoint_every=checkpoint_every, seed=seed)
     except ValidationError as err:

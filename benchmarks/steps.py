@@ -1,7 +1,8 @@
-"""How few steps a distilled student needs: teacher vs LCM and progressive students, scored by the judge.
+"""How few steps a distilled student needs: teacher vs LCM, progressive and DMD students, scored by the judge.
 
-    python benchmarks/steps.py [--model default] [--lcm-steps 800] [--progressive-steps 200]
-                               [--start-steps 16] [--batch 32] [--prompts 256] [--work steps-bench] [--json F]
+    python benchmarks/steps.py [--model default] [--methods lcm,progressive,dmd] [--lcm-steps 800]
+                               [--progressive-steps 200] [--start-steps 16] [--dmd-steps 700]
+                               [--batch 32] [--prompts 256] [--work steps-bench] [--json F]
 
 The teacher samples with DDIM and classifier-free guidance 7.5 at 1, 2, 4, 8 and 25 steps; each
 student samples at 1, 2 and 4 steps with guidance 7.5 embedded (one UNet call per step), with the
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--lcm-steps", type=int, default=800)
     parser.add_argument("--progressive-steps", type=int, default=200)
     parser.add_argument("--start-steps", type=int, default=16)
+    parser.add_argument("--dmd-steps", type=int, default=700)
+    parser.add_argument("--methods", default="lcm,progressive,dmd")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--prompts", type=int, default=256)
@@ -49,8 +52,12 @@ def main() -> None:
 
     rows = {"teacher (DDIM + CFG)": {"scores": scores(teacher, [1, 2, 4, 8, 25])}}
     methods = {"lcm": {"steps": args.lcm_steps},
-               "progressive": {"steps": args.progressive_steps, "start_steps": args.start_steps}}
-    for method, changes in methods.items():
+               "progressive": {"steps": args.progressive_steps, "start_steps": args.start_steps},
+               "dmd": {"steps": args.dmd_steps}}
+    for method in args.methods.split(","):
+        if method not in methods:
+            parser.error(f"--methods: {method!r} is not one of {', '.join(methods)}")
+        changes = methods[method]
         config = StepDistillConfig(method=method, batch=args.batch, lr=args.lr, checkpoint_every=100, **changes)
         began = time.perf_counter()
         report = distill_steps(teacher, config, work / method, log=lambda _: None)

@@ -1,6 +1,6 @@
 """Step distillation: a UNet that samples in 1–4 steps, guidance distilled into its weights.
 
-Both methods give the student LCM's guidance input (`time_cond_proj_dim`, the guidance scale
+Every method gives the student LCM's guidance input (`time_cond_proj_dim`, the guidance scale
 embedded as stock diffusers' pipelines embed it, `guidance − 1`), added to the teacher's weights
 with its projection zeroed so the student starts as the teacher. Stock diffusers then runs one UNet
 evaluation per step and no classifier-free pair, and the saved scheduler (LCM's, or DDIM on the
@@ -14,6 +14,9 @@ trained grid) samples the student with `StableDiffusionPipeline` at the distille
   half-steps of its teacher (the original, guided, then the previous round's student) in one: the
   x̂0 that lands where the teacher lands, regressed in the student's own output space (ε, v or x0;
   ε weights high noise least, which is why v-prediction is offered for 1-step students).
+- `dmd` (distribution matching, `dmd.py`): a fake score network tracks the student's samples, and
+  the student follows the difference of the fake and the guided teacher's scores, plus regression
+  to the teacher's own samples; sampled with LCMScheduler in 1, 2 or 4 steps.
 
 The text encoder and VAE stay the teacher's; only the UNet trains.
 """
@@ -44,25 +47,32 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lcm", "progressive"] = "lcm"
+    method: Literal["lcm", "progressive", "dmd"] = "lcm"
     steps: int = Field(500, ge=1)  # optimiser steps (per round for progressive)
     batch: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
     guidance_min: float = Field(3.0, ge=1)  # guidance scale drawn per sample, embedded into the student
     guidance_max: float = Field(9.0, ge=1)
-    solver_steps: int = Field(50, ge=2)  # lcm: the teacher's DDIM grid (LCMScheduler's original_inference_steps)
+    solver_steps: int = Field(50, ge=2)  # lcm, dmd: LCMScheduler's original_inference_steps (lcm: the teacher's DDIM grid)
     loss: Literal["huber", "l2"] = "huber"  # lcm
     huber_c: float = Field(0.001, gt=0)
     target_decay: float = Field(0.95, ge=0, lt=1)  # lcm: EMA rate of the target network
     start_steps: int = Field(16, ge=2)  # progressive: the teacher's steps in round 1; each round halves
     final_steps: int = Field(1, ge=1)  # progressive: the last student's steps
     prediction: Literal["teacher", "epsilon", "v_prediction", "sample"] = "teacher"  # progressive: student output
-    ema_decay: float = Field(0.0, ge=0, lt=1)  # progressive: EMA of the saved student
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # progressive, dmd: EMA of the saved student
+    fake_updates: int = Field(1, ge=1)  # dmd: fake-score updates per generator update (DMD2's two time-scale rule: 5)
+    regression_weight: float = Field(1.0, ge=0)  # dmd: weight of the teacher-pair regression (0: distribution matching only)
+    regression_pairs: int = Field(1024, ge=1)  # dmd: prompts the guided teacher samples once (teacher_steps steps)
+    dm_min_step: int = Field(20, ge=0)  # dmd: noise levels of the distribution-matching gradient (DMD2: 2 %–98 %)
+    dm_max_step: int = Field(980, ge=0)
 
     @model_validator(mode="after")
     def coherent(self):
         if self.guidance_min > self.guidance_max:
             raise ValueError(f"guidance_min {self.guidance_min} is above guidance_max {self.guidance_max}")
+        if self.dm_min_step > self.dm_max_step:
+            raise ValueError(f"dm_min_step {self.dm_min_step} is above dm_max_step {self.dm_max_step}")
         if self.method == "progressive":
             rounds = math.log2(self.start_steps / self.final_steps)
             if self.start_steps <= self.final_steps or rounds != int(rounds):
@@ -72,7 +82,7 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
 
     def student_step_counts(self) -> list[int]:
         """The step count each round's student learns: start/2, start/4, ... final (one entry for LCM)."""
-        if self.method == "lcm":
+        if self.method in ("lcm", "dmd"):
             return [self.solver_steps]
         counts, n = [], self.start_steps
         while n > self.final_steps:
@@ -278,7 +288,7 @@ def _student_scheduler(pipe, config: StepDistillConfig, prediction: str):
     """The scheduler that samples the student on the grid it learned, in stock diffusers."""
     from diffusers import DDIMScheduler, LCMScheduler
 
-    if config.method == "lcm":
+    if config.method in ("lcm", "dmd"):
         return LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=config.solver_steps,
                                         timestep_scaling=10.0)
     return DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", prediction_type=prediction,
@@ -317,6 +327,11 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
         trainer = Trainer(student, loss, batch_for, train, out, "lcm", identity)
         loss.target_weights = trainer.ema
         rounds.append(_run(trainer, pipe, out, config.solver_steps))
+    elif config.method == "dmd":
+        from .dmd import train_dmd
+
+        rounds.append(train_dmd(pipe, model_ref.path, student, latents, batch_for, alphas, final_alpha,
+                                _student_scheduler(pipe, config, prediction), config, out, identity))
     else:
         teacher = pipe.unet
         for n in config.student_step_counts():
@@ -339,7 +354,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
             teacher = copy.deepcopy(student).eval().requires_grad_(False)
     report = {"method": config.method, "teacher": str(model_ref.path.resolve()), "config": config.model_dump(),
               "prediction_type": prediction, "rounds": rounds,
-              "sample_steps": [1, 2, 4] if config.method == "lcm" else [config.final_steps],
+              "sample_steps": [config.final_steps] if config.method == "progressive" else [1, 2, 4],
               "training_images": len(latents), "data_free": bool(config.captions),
               "wall_time_s": round(time.perf_counter() - began, 1)}
     if processes.is_main_process:

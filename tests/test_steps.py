@@ -178,9 +178,12 @@ def test_progressive_rounds_halve_the_steps_and_the_last_student_samples_in_one_
                        pipe.unet.conv_out.weight)
 
 
-def test_killed_lcm_resumes_to_the_weights_of_a_straight_run(tiny_pipeline, image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["lcm", "dmd"])
+def test_killed_run_resumes_to_the_weights_of_a_straight_run(method, tiny_pipeline, image_folder, tmp_path, monkeypatch):
+    """LCM's target network and DMD's fake score network are part of what resumes."""
     model = modelio.open_model(tiny_pipeline)
-    distill_steps(model, _config(image_folder), tmp_path / "straight")
+    changes = {"method": method, "regression_pairs": 8, "teacher_steps": 4}
+    distill_steps(model, _config(image_folder, **changes), tmp_path / "straight")
     real = latents.epoch_batches
 
     def dying(*args):
@@ -194,9 +197,9 @@ def test_killed_lcm_resumes_to_the_weights_of_a_straight_run(tiny_pipeline, imag
 
     monkeypatch.setattr(latents, "epoch_batches", dying)
     with pytest.raises(KeyboardInterrupt):
-        distill_steps(model, _config(image_folder), tmp_path / "resumed")
+        distill_steps(model, _config(image_folder, **changes), tmp_path / "resumed")
     monkeypatch.setattr(latents, "epoch_batches", real)
-    report = distill_steps(model, _config(image_folder), tmp_path / "resumed")
+    report = distill_steps(model, _config(image_folder, **changes), tmp_path / "resumed")
     assert report["rounds"][0]["resumed_at_step"] == 3
     straight = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet").state_dict()
     resumed = UNet2DConditionModel.from_pretrained(tmp_path / "resumed" / "unet").state_dict()
@@ -215,7 +218,7 @@ def test_step_distillation_refusals(tiny_pipeline, sd15_unet_folder, image_folde
         distill_steps(modelio.open_model(sd15_unet_folder), _config(image_folder), tmp_path / "y")
 
 
-def test_cli_distills_steps_and_says_what_is_not_built(tiny_pipeline, image_folder, tmp_path):
+def test_cli_distills_steps_and_refuses_bad_options(tiny_pipeline, image_folder, tmp_path):
     from typer.testing import CliRunner
 
     from pocketdiff.apps.cli import app
@@ -226,8 +229,13 @@ def test_cli_distills_steps_and_says_what_is_not_built(tiny_pipeline, image_fold
     assert result.exit_code == 0, result.output
     assert "sample it in 1/2/4 steps" in " ".join(result.output.split())  # rich wraps at the terminal width
     assert json.loads((out / "steps_report.json").read_text())["method"] == "lcm"
-    result = CliRunner().invoke(app, ["distill", "steps", str(tiny_pipeline), "--out", str(out), "--method", "dmd"])
-    assert isinstance(result.exception, UserError) and "not built yet" in str(result.exception)
+    result = CliRunner().invoke(app, ["distill", "steps", str(tiny_pipeline), "--out", str(tmp_path / "dmd"), "--method",
+                                      "dmd", "--steps", "2", "--batch", "4", "--regression-pairs", "4",
+                                      "--fake-updates", "2", "--data", str(image_folder)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dmd" / "steps_report.json").read_text())["config"]["fake_updates"] == 2
+    result = CliRunner().invoke(app, ["distill", "steps", str(tiny_pipeline), "--out", str(out), "--method", "gan"])
+    assert isinstance(result.exception, UserError) and "method" in str(result.exception)
     result = CliRunner().invoke(app, ["distill", "steps", str(tiny_pipeline), "--out", str(out), "--loss", "l1"])
     assert isinstance(result.exception, UserError) and "loss" in str(result.exception)
 

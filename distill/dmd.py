@@ -22,7 +22,6 @@ so one backward and one optimiser step update both, and one checkpoint resumes b
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from ..apps.runner import hash_model_folder
 from . import data
-from .steps import (GuidedTeacher, StepDistillConfig, _Batch, _col, _run, boundary_scalings, ddim_to,
+from .latents import _digest, token_ids
+from .steps import (GuidedTeacher, StepDistillConfig, _Batch, _col, _run, alpha_at, boundary_scalings, ddim_to,
                     guidance_embedding, output_for, with_guidance_input, x0_and_eps)
 from .trainer import Trainer, epoch_batches
 
@@ -60,16 +60,12 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
 
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
     chosen = [captions[i] for i in order[:config.regression_pairs].tolist()]
-    key = hashlib.sha256(repr((hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
-                               config.guidance_max, config.seed)).encode()).hexdigest()[:16]
+    key = _digest(hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
+                  config.guidance_max, config.seed)
     path = data.cache_dir() / "pairs" / f"{key}.safetensors"
     if path.exists():
         return Pairs(**load_file(path))
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(chosen, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids
+    ids, empty_ids = token_ids(pipe.tokenizer, chosen), token_ids(pipe.tokenizer, [""])
     random = torch.Generator().manual_seed(config.seed)
     unet, device = pipe.unet, pipe.unet.device
     shape = (len(chosen), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -83,11 +79,10 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
         part = slice(start, start + batch)
         text = pipe.text_encoder(ids[part].to(device))[0]
         x, g = noise[part].to(device), guidance[part].to(device)
-        for t in grid:
-            a = alphas[t].expand(len(x)).to(device)
-            a_next = alphas[t - stride] if t - stride >= 0 else torch.tensor(final_alpha)
-            x = ddim_to(*teacher(x, torch.full((len(x),), t, device=device), a, text, empty.expand_as(text), g),
-                        a_next.expand(len(x)).to(device))
+        for timestep in grid:
+            t = torch.full((len(x),), timestep, device=device)
+            x = ddim_to(*teacher(x, t, alpha_at(alphas, final_alpha, t), text, empty.expand_as(text), g),
+                        alpha_at(alphas, final_alpha, (t - stride).clamp(min=-1)))
         samples.append(x.cpu())
     pairs = Pairs(noise, torch.cat(samples).contiguous(), guidance, ids)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +116,7 @@ class DMDLoss:
         self.dim, self.shape = unet_config.time_cond_proj_dim, (unet_config.in_channels, *[unet_config.sample_size] * 2)
 
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
-        alphas = self.alphas.to(t.device)
-        return torch.where(t >= 0, alphas[t.clamp(min=0)], torch.full_like(alphas[:1], self.final_alpha))
+        return alpha_at(self.alphas, self.final_alpha, t)
 
     def _generate(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The generator's denoised sample at (x, t): what LCMScheduler.step computes from its output."""

@@ -183,9 +183,7 @@ class KDLoss:
         self.scale = pipe.vae.config.scaling_factor
         schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.alphas, self.prediction = schedule.alphas_cumprod, schedule.config.prediction_type
-        tokenizer = pipe.tokenizer
-        self.empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                               return_tensors="pt").input_ids[0]
+        self.empty = latent_data.token_ids(pipe.tokenizer, [""])[0]
         self.student_taps = Taps(student, [s for s, _ in pairs])
         self.teacher_taps = Taps(self.teacher, [t for _, t in pairs])
 

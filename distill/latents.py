@@ -181,14 +181,19 @@ def training_latents(pipe, teacher, settings: DataSettings, seed: int) -> Latent
     return image_latents(pipe, teacher.path / "vae", settings.data, resolution)
 
 
+def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids of `captions` as the text encoder takes them: padded to the tokenizer's length, truncated."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def training_batches(pipe, teacher, settings: DataSettings, seed: int, batch: int) -> tuple[LatentSet, Callable[[int], dict]]:
     """A run's latent set and its batches as a function of the step (latents, std and token ids)."""
     from accelerate import PartialState
 
     with PartialState().main_process_first():  # one process builds the latent cache, the others read it
         latents = training_latents(pipe, teacher, settings, seed)
-    ids = pipe.tokenizer(latents.captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
+    ids = token_ids(pipe.tokenizer, latents.captions)
     pick = epoch_batches(len(latents), min(batch, len(latents)), seed)
 
     def batch_for(step: int) -> dict:

@@ -180,9 +180,7 @@ class _Batch:
     def __init__(self, pipe, config: StepDistillConfig):
         self.text_encoder, self.config = pipe.text_encoder, config
         self.scale = pipe.vae.config.scaling_factor
-        tokenizer = pipe.tokenizer
-        self.empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                                   return_tensors="pt").input_ids
+        self.empty_ids = latent_data.token_ids(pipe.tokenizer, [""])
         self.empty: torch.Tensor | None = None  # the empty prompt's embedding, encoded once (the encoder is frozen)
 
     @torch.no_grad()
@@ -253,8 +251,7 @@ class ProgressiveLoss:
         self.grid = len(alphas) - 1 - self.stride * torch.arange(student_steps)  # DDIM "trailing" timesteps
 
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
-        alphas = self.alphas.to(t.device)
-        return torch.where(t >= 0, alphas[t.clamp(min=0)], torch.full_like(alphas[:1], self.final_alpha))
+        return alpha_at(self.alphas, self.final_alpha, t)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         z, text, empty, guidance = self.parts.draw(batch, generator)
@@ -273,6 +270,12 @@ class ProgressiveLoss:
         x0 = x0_and_eps(out, x, a, self.prediction)[0]
         target = output_for(x0_target, x, a, self.prediction)
         return {"loss": (out - target).pow(2).mean(), "x0_mse": (x0 - x0_target).pow(2).mean().detach()}
+
+
+def alpha_at(alphas: torch.Tensor, final_alpha: float, t: torch.Tensor) -> torch.Tensor:
+    """ᾱ at timesteps `t`; −1 (past the last step) is the schedule's final ᾱ, as DDIM and LCM step to it."""
+    alphas = alphas.to(t.device)
+    return torch.where(t >= 0, alphas[t.clamp(min=0)], torch.full_like(alphas[:1], final_alpha))
 
 
 def _schedule(pipe) -> tuple[torch.Tensor, float]:

@@ -2,6 +2,7 @@
 
     python benchmarks/steps.py [--model default] [--methods lcm,progressive,dmd] [--lcm-steps 800]
                                [--progressive-steps 200] [--start-steps 16] [--dmd-steps 700]
+                               [--fake-updates 1] [--regression-weight 1.0]
                                [--batch 32] [--prompts 256] [--work steps-bench] [--json F]
 
 The teacher samples with DDIM and classifier-free guidance 7.5 at 1, 2, 4, 8 and 25 steps; each
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--progressive-steps", type=int, default=200)
     parser.add_argument("--start-steps", type=int, default=16)
     parser.add_argument("--dmd-steps", type=int, default=700)
+    parser.add_argument("--fake-updates", type=int, default=1, help="dmd: fake-score updates per generator update")
+    parser.add_argument("--regression-weight", type=float, default=1.0, help="dmd: weight of the teacher-pair regression")
     parser.add_argument("--methods", default="lcm,progressive,dmd")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -53,7 +56,8 @@ def main() -> None:
     rows = {"teacher (DDIM + CFG)": {"scores": scores(teacher, [1, 2, 4, 8, 25])}}
     methods = {"lcm": {"steps": args.lcm_steps},
                "progressive": {"steps": args.progressive_steps, "start_steps": args.start_steps},
-               "dmd": {"steps": args.dmd_steps}}
+               "dmd": {"steps": args.dmd_steps, "fake_updates": args.fake_updates,
+                       "regression_weight": args.regression_weight}}
     for method in args.methods.split(","):
         if method not in methods:
             parser.error(f"--methods: {method!r} is not one of {', '.join(methods)}")

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..apps.runner import hash_model_folder
 from . import data
-from .latents import _digest, token_ids
+from .latents import _digest, save_atomic, token_ids
 from .steps import (GuidedTeacher, StepDistillConfig, _Batch, _col, _run, alpha_at, boundary_scalings, ddim_to,
                     guidance_embedding, output_for, with_guidance_input, x0_and_eps)
 from .trainer import Trainer, epoch_batches
@@ -85,10 +85,7 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
                         alpha_at(alphas, final_alpha, (t - stride).clamp(min=-1)))
         samples.append(x.cpu())
     pairs = Pairs(noise, torch.cat(samples).contiguous(), guidance, ids)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"noise": pairs.noise, "sample": pairs.sample, "guidance": pairs.guidance, "ids": pairs.ids},
-              path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    save_atomic({"noise": pairs.noise, "sample": pairs.sample, "guidance": pairs.guidance, "ids": pairs.ids}, path)
     return pairs
 
 

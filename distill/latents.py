@@ -123,10 +123,16 @@ def _cached(key: str, build) -> LatentSet:
     latents = build()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(latents.captions))
-    tmp = path.with_suffix(".tmp")
-    save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, tmp)
-    tmp.replace(path)
+    save_atomic({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, path)
     return latents
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors cache file whole or not at all: an interrupted run leaves no half file to load."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(path)
 
 
 def image_latents(pipe, vae_folder: Path, source: str, resolution: int) -> LatentSet:

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import data, tokenizer
-from .latents import encode_images
+from .latents import encode_images, token_ids
 from .trainer import Trainer, TrainConfig, epoch_batches
 
 RESOLUTION = 32
@@ -129,8 +129,7 @@ def train_unet(latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], 
     model = TextToImage(build_unet(), CLIPTextModel(text_encoder_config(tok.get_vocab())))
     noise_schedule = DDPMScheduler.from_config(scheduler_config())
     alphas = noise_schedule.alphas_cumprod
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids[0]
+    ids, empty = token_ids(tok, captions), token_ids(tok, [""])[0]
     mean, std = latents
     pick = epoch_batches(len(captions), config.unet_batch, config.seed)
 

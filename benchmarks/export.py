@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 CASES = [("default", "onnx", "fp32"), ("default", "executorch", "fp32"), ("default", "executorch", "int8"),
-         ("default", "coreml", "fp16")]
+         ("default", "coreml", "fp16"), ("default", "coreml", "fp16-split_einsum")]
 SD15_CASES = [("sd15", "onnx", "fp32"), ("sd15", "executorch", "fp32"), ("sd15", "executorch", "int8"),
-              ("sd15", "coreml", "fp16"), ("sd15", "coreml", "fp16-chunked")]  # chunked: UnetChunk1 + UnetChunk2
+              ("sd15", "coreml", "fp16"), ("sd15", "coreml", "fp16-chunked"),  # chunked: UnetChunk1 + UnetChunk2
+              ("sd15", "coreml", "fp16-split_einsum")]  # the Neural Engine's attention layout
+UNET_OPS = ("softmax", "einsum", "matmul", "layer_norm", "linear", "conv")  # what split-einsum changes
 
 
 def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict:
@@ -47,8 +49,9 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
         model = str(folder)
     ref = modelio.open_model(model)
     began = time.perf_counter()
-    chunked = precision.endswith("-chunked")
-    config = ExportConfig(to=[fmt], precision=precision.removesuffix("-chunked"), chunk_unet=chunked)
+    precision, _, option = precision.partition("-")  # a Core ML option: chunked, split_einsum
+    config = ExportConfig(to=[fmt], precision=precision, chunk_unet=option == "chunked",
+                          coreml_attention="split_einsum" if option == "split_einsum" else "original")
     report = export_model(ref, config, out, log=lambda _: None)[fmt]
     result = {"export_seconds": round(time.perf_counter() - began, 1),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
@@ -56,7 +59,8 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
                              for k, v in report["components"].items()},
               "image_psnr": report.get("image_psnr")}
     if fmt == "coreml":
-        if chunked:
+        result["unet_ops"] = {op: report["components"]["unet"]["ops"].get(op, 0) for op in UNET_OPS}
+        if option == "chunked":
             result["chunk_bytes"] = {k: v["bytes"] for k, v in report["components"]["unet"]["chunks"].items()}
         return result
     pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None

@@ -10,6 +10,12 @@ config alone (segmind's in-place surgery without a config update broke their che
 price: diffusers ties each up block to its down stage (one more layer, fed by the skips), so layers
 go in down/up pairs, and attention goes per block, not per layer.
 
+Deep transformers (SDXL's ten blocks per attention) lose single transformer blocks: the plan's
+`dropped` names them, and the student's depth per attention is written as the nested
+`transformer_layers_per_block` (per down layer) and `reverse_transformer_layers_per_block` (per up
+layer) diffusers reads. Diffusers gives the mid block the depth of the innermost down stage's first
+attention, so the two stay equal (a plan that parts them does not fit).
+
 BK-SDM's presets ("On Architectural Compression of Text-to-Image Diffusion Models") are plans:
 - `bk-base`: one residual+attention pair per down stage instead of two, two per up stage instead of
   three (the middle one goes): down stages keep layer 0, up stages layers 0 and 2;
@@ -20,6 +26,7 @@ BK-SDM's presets ("On Architectural Compression of Text-to-Image Diffusion Model
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -45,6 +52,7 @@ class Plan:
     down_attention: tuple[bool, ...]  # per teacher stage; False turns a cross-attention block into a plain one
     up_attention: tuple[bool, ...]  # per teacher stage (the mirroring up block)
     mid: str | None  # mid_block_type
+    dropped: tuple[str, ...] = ()  # teacher transformer blocks gone from attentions that stay, sorted
 
     @property
     def stages(self) -> int:
@@ -58,7 +66,7 @@ class Plan:
         """The plan `dataclasses.asdict` wrote to a prune report."""
         return cls(down=tuple(map(tuple, data["down"])), up=tuple(map(tuple, data["up"])),
                    down_attention=tuple(data["down_attention"]), up_attention=tuple(data["up_attention"]),
-                   mid=data["mid"])
+                   mid=data["mid"], dropped=tuple(data.get("dropped", ())))
 
 
 def _per_stage(value, stages: int) -> list:
@@ -74,6 +82,45 @@ def teacher_plan(config: dict) -> Plan:
                 down_attention=tuple(t in PLAIN_BLOCK for t in config["down_block_types"]),
                 up_attention=tuple(t in PLAIN_BLOCK for t in up_types),
                 mid=config.get("mid_block_type", "UNetMidBlock2DCrossAttn"))
+
+
+def _per_layer(depth, layers: int) -> list[int]:
+    return list(depth) if isinstance(depth, (list, tuple)) else [depth] * layers
+
+
+def teacher_depths(config: dict) -> tuple[list[list[int]], list[list[int]], int]:
+    """Transformer blocks in each teacher attention: per down stage and layer, per mirroring up block
+    (indexed by its down stage) and layer, and the mid block's."""
+    stages = len(config["down_block_types"])
+    layers = _per_stage(config["layers_per_block"], stages)
+    depth = _per_stage(config.get("transformer_layers_per_block", 1), stages)
+    down = [_per_layer(d, n) for d, n in zip(depth, layers)]
+    up_blocks = config.get("reverse_transformer_layers_per_block") or list(reversed(depth))
+    up = [_per_layer(d, n + 1) for d, n in zip(up_blocks, reversed(layers))][::-1]
+    return down, up, down[-1][0]
+
+
+def _depth_left(plan: Plan, attention: str, depth: int) -> int:
+    return depth - sum(name.startswith(attention + ".") for name in plan.dropped)
+
+
+def _write_depths(config: dict, teacher: dict, plan: Plan) -> None:
+    """The student's depth per attention, in the nested fields diffusers reads (see the module docstring)."""
+    stages, kept = len(teacher["down_block_types"]), plan.stages
+    down_depth, up_depth, mid_depth = teacher_depths(teacher)
+    down = [[_depth_left(plan, f"down_blocks.{s}.attentions.{d}", down_depth[s][d]) for d in plan.down[s]]
+            for s in range(kept)]
+    up = [[_depth_left(plan, f"up_blocks.{stages - 1 - s}.attentions.{u}", up_depth[s][u]) for u in plan.up[s]]
+          for s in range(kept)]
+    mid = _depth_left(plan, "mid_block.attentions.0", mid_depth)
+    if plan.mid == "UNetMidBlock2DCrossAttn":
+        if not plan.down_attention[kept - 1]:
+            down[-1] = [mid] * len(down[-1])  # a plain block ignores its depth: it can carry the mid block's
+        elif down[-1][0] != mid:
+            raise UserError(f"the mid block keeps {mid} transformer blocks and down_blocks.{kept - 1}'s first attention "
+                            f"{down[-1][0]}: diffusers' config gives both one depth")
+    config["transformer_layers_per_block"] = down
+    config["reverse_transformer_layers_per_block"] = up[::-1]
 
 
 def student_config(teacher: dict, plan: Plan) -> dict:
@@ -94,11 +141,24 @@ def student_config(teacher: dict, plan: Plan) -> dict:
     layers = [len(d) for d in plan.down]
     config["layers_per_block"] = layers[0] if len(set(layers)) == 1 else layers
     config["mid_block_type"] = plan.mid
+    if plan.dropped:
+        _write_depths(config, teacher, plan)
     return config
 
 
 def teacher_key(student_key: str, plan: Plan, teacher_stages: int) -> str:
     """The teacher parameter a student parameter is initialised from."""
+    key = _teacher_layer_key(student_key, plan, teacher_stages)
+    match = re.match(r"(.*\.attentions\.\d+)\.transformer_blocks\.(\d+)\.(.*)", key)
+    if not match or not plan.dropped:
+        return key
+    attention, rest = match.group(1), match.group(3)
+    kept = (i for i in itertools.count() if f"{attention}.transformer_blocks.{i}" not in plan.dropped)
+    return f"{attention}.transformer_blocks.{next(itertools.islice(kept, int(match.group(2)), None))}.{rest}"
+
+
+def _teacher_layer_key(student_key: str, plan: Plan, teacher_stages: int) -> str:
+    """`teacher_key` up to the transformer block: the teacher layer a student layer came from."""
     match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", student_key)
     offset = teacher_stages - plan.stages
     if match:
@@ -161,10 +221,12 @@ def build_student(unet, plan: Plan):
     teacher_state = unet.state_dict()
     student, mapping = mapped_student(dict(unet.config), shapes(unet), plan, unet.device, unet.dtype)
     student.load_state_dict({k: teacher_state[v] for k, v in mapping.items()}, assign=unet.device.type == "meta")
-    removed = layer_names(teacher_state) - layer_names(mapping.values())
+    kept = layer_names(mapping.values())
+    removed = layer_names(teacher_state) - kept
     mid = {name for name in layer_names(teacher_state) if name.startswith("mid_block")}
     if mid and mid <= removed:
         removed = (removed - mid) | {"mid_block"}
+    removed |= {name for name in plan.dropped if name.rpartition(".transformer_blocks.")[0] in kept}
     return student, sorted(removed)
 
 

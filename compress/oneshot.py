@@ -2,7 +2,8 @@
 
 1. Enumerate the teacher's removable units, as far as stock diffusers' config can express them
    (see `blocks`): a down-stage layer together with a layer of the up block mirroring it, a block's
-   cross-attention, the mid block's attention, the mid block, the innermost stage. A unit whose
+   cross-attention, the mid block's attention, the mid block, the innermost stage, and one
+   transformer block of an attention that has more than one (SDXL's deep ones). A unit whose
    kept neighbours would not fit their new place (channel counts) is not offered.
 2. Score each unit alone:
    - `distortion`: how far the UNet's output moves when only that unit is removed, as squared error
@@ -26,7 +27,8 @@ import torch
 from ..apps import modelio
 from ..apps.errors import UserError
 from ..devices.macs import count
-from .blocks import MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, mapped_student, shapes, teacher_plan
+from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, mapped_student, shapes, teacher_depths,
+                     teacher_plan)
 
 CRITERIA = ("distortion", "magnitude", "random")
 METRICS = ("params", "macs", "latency")
@@ -60,13 +62,20 @@ class Unit:
     """One removable unit; `apply` gives the plan without it, or None where it is already gone or cannot go."""
 
     name: str
-    kind: str  # pair | down_attention | up_attention | mid_attention | mid | stage
+    kind: str  # pair | down_attention | up_attention | mid_attention | mid | stage | transformer
     stage: int = -1
     down: int = -1
     up: int = -1
+    depth: int = 0  # transformer: the teacher attention's transformer blocks
 
     def apply(self, plan: Plan) -> Plan | None:
         s = self.stage
+        if self.kind == "transformer":
+            attention = self.name.rpartition(".transformer_blocks.")[0]
+            gone = sum(name.startswith(attention + ".") for name in plan.dropped)
+            if self.name in plan.dropped or gone + 1 >= self.depth or not self._attends(plan):
+                return None  # already gone, the attention's last block (the attention units' job), or moot
+            return plan.replace(dropped=tuple(sorted((*plan.dropped, self.name))))
         if self.kind == "pair":
             if s >= plan.stages or len(plan.down[s]) < 2 or self.down not in plan.down[s] or self.up not in plan.up[s]:
                 return None
@@ -85,6 +94,15 @@ class Unit:
             return plan.replace(mid=None) if plan.mid is not None else None
         innermost, keeps_two = plan.stages == s + 1, plan.stages > 2  # the innermost stage, leaving at least two
         return plan.replace(down=plan.down[:-1], up=plan.up[:-1]) if innermost and keeps_two else None
+
+    def _attends(self, plan: Plan) -> bool:
+        """Whether the attention this transformer unit's block sits in is still in `plan`."""
+        s = self.stage
+        if self.down >= 0:
+            return s < plan.stages and plan.down_attention[s] and self.down in plan.down[s]
+        if self.up >= 0:
+            return s < plan.stages and plan.up_attention[s] and self.up in plan.up[s]
+        return plan.mid == "UNetMidBlock2DCrossAttn"
 
 
 def apply_all(plan: Plan, units) -> Plan | None:
@@ -136,7 +154,30 @@ def removable_units(config: dict, costs: Costs) -> list[Unit]:
     units += [Unit(f"up_blocks.{stages - 1 - s}.attentions", "up_attention", s) for s in range(stages)]
     units += [Unit("mid_block.attentions", "mid_attention"), Unit("mid_block", "mid"),
               Unit(f"down_blocks.{stages - 1}+up_blocks.0", "stage", stages - 1)]
+    units += transformer_units(config)
     return [u for u in units if (p := u.apply(plan)) is not None and costs(p) is not None]
+
+
+def transformer_units(config: dict) -> list[Unit]:
+    """One unit per transformer block of every teacher attention deeper than one block."""
+    plan, stages = teacher_plan(config), len(config["down_block_types"])
+    down_depth, up_depth, mid_depth = teacher_depths(config)
+
+    def blocks(attention: str, depth: int, **where) -> list[Unit]:
+        return [Unit(f"{attention}.transformer_blocks.{i}", "transformer", depth=depth, **where)
+                for i in range(depth)] if depth > 1 else []
+
+    units = []
+    for s in range(stages):
+        if plan.down_attention[s]:
+            units += [u for d in plan.down[s] for u in blocks(f"down_blocks.{s}.attentions.{d}", down_depth[s][d],
+                                                              stage=s, down=d)]
+        if plan.up_attention[s]:
+            units += [u for i in plan.up[s] for u in blocks(f"up_blocks.{stages - 1 - s}.attentions.{i}",
+                                                            up_depth[s][i], stage=s, up=i)]
+    if plan.mid == "UNetMidBlock2DCrossAttn":
+        units += blocks("mid_block.attentions.0", mid_depth)
+    return units
 
 
 def distortion_scores(unet, units: list[Unit], batches: list[dict], progress: Callable = iter) -> dict[str, float]:

@@ -27,7 +27,8 @@ from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data
 from .trainer import RunSettings, Trainer, last_logged
 
-_STRUCTURE = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "mid_block_type")
+_STRUCTURE = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "mid_block_type",
+              "transformer_layers_per_block", "reverse_transformer_layers_per_block")
 
 
 class KDConfig(RunSettings, latent_data.DataSettings):

@@ -34,7 +34,8 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from . import unet_chunks
 from .clip_bpe import write_vocab_and_merges
-from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
+from .components import Component, UNet, quiet_tracing, require_saved_int8, saved_int8_unet
+from .split_einsum import split_einsum_unet
 
 DEFAULT_PRECISION = "fp16"
 INT8_BACKENDS = ("coreml-w8a8",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
@@ -66,17 +67,12 @@ class TextEncoder(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
-class Unet(torch.nn.Module):
-    """Apple's UNet I/O: (B,) timesteps and (B, dim, 1, tokens) text states; LCM's `timestep_cond` kept."""
+class Unet(UNet):
+    """Apple's UNet I/O: (B,) timesteps and (B, dim, 1, tokens) text states; SDXL's `text_embeds` and
+    `time_ids` and LCM's `timestep_cond` as further (B, ...) inputs under those names."""
 
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states, *timestep_cond):
-        context = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        cond = timestep_cond[0] if timestep_cond else None
-        return self.unet(sample, timestep, context, timestep_cond=cond, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        return super().forward(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)
 
 
 class Int8Unet(torch.nn.Module):
@@ -86,14 +82,14 @@ class Int8Unet(torch.nn.Module):
         super().__init__()
         self.int8 = graph  # not `graph`: the exported program's own graph module has that attribute
 
-    def forward(self, sample, timestep, encoder_hidden_states, *timestep_cond):
-        return self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *timestep_cond)
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        return self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)
 
 
 def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> Int8Unet:
-    sample, timestep, states, *cond = component.inputs.values()
+    sample, timestep, states, *extra = component.inputs.values()
     return Int8Unet(saved_int8_unet("Core ML", INT8_BACKENDS, component.module.unet,
-                                    (sample, timestep, states.squeeze(2).transpose(1, 2), *cond), quantization))
+                                    (sample, timestep, states.squeeze(2).transpose(1, 2), *extra), quantization))
 
 
 def _pack_palette(model, quantization: tuple[dict, dict] | None):
@@ -145,14 +141,12 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | N
         unet = pipe.unet if pipe is not None else component.module.unet
         config = dict(unet.config)
         unet_batch = unet_batch or (1 if config.get("time_cond_proj_dim") else 2)
-        if config.get("addition_embed_type") == "text_time":
-            raise UserError("Core ML export of SDXL UNets (text_time conditions) is not supported yet")
         repeat = lambda t: t[:1].repeat(unet_batch, *([1] * (t.dim() - 1)))  # noqa: E731
         swift = {"sample": repeat(inputs["sample"]), "timestep": torch.full((unet_batch,), 501.0),
                  "encoder_hidden_states": repeat(inputs["encoder_hidden_states"]).transpose(1, 2).unsqueeze(2).contiguous()}
-        if "timestep_cond" in inputs:
-            swift["timestep_cond"] = repeat(inputs["timestep_cond"])
-        return Component("unet", Unet(unet).eval(), swift, ["noise_pred"])
+        extra = component.module.extra  # SDXL's text_embeds, time_ids; LCM's timestep_cond
+        swift.update({name: repeat(inputs[name]) for name in extra})
+        return Component("unet", Unet(unet, extra).eval(), swift, ["noise_pred"])
     if component.name == "vae_decoder":
         return Component("vae_decoder", VAEDecoder(pipe.vae).eval(), {"z": inputs["latent_sample"]}, ["image"])
     factor = modelio.vae_scale_factor(ref)
@@ -199,8 +193,14 @@ def _convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: 
     return _pack_palette(model, quantization)
 
 
-def _parts(component: Component, precision: str, quantization, chunked: bool) -> list[tuple[str, torch.nn.Module, dict, list]]:
+def _parts(component: Component, precision: str, quantization, chunked: bool,
+           attention: str) -> list[tuple[str, torch.nn.Module, dict, list]]:
     """(Swift name, module, inputs, outputs) of each package a component ships as."""
+    if attention == "split_einsum" and component.name == "unet":
+        if precision == "int8":
+            raise UserError("split-einsum attention rewrites a float UNet; the int8 graph ships as it was trained")
+        component = Component("unet", Unet(split_einsum_unet(component.module.unet), component.module.extra).eval(),
+                              component.inputs, component.outputs)
     if chunked:
         if precision == "int8":
             raise UserError("Core ML UNet chunking takes a float or palettized UNet; the int8 graph is one program")
@@ -211,17 +211,20 @@ def _parts(component: Component, precision: str, quantization, chunked: bool) ->
 
 
 def export_component(component: Component, folder: Path, precision: str,
-                     quantization: tuple[dict, dict] | None = None, chunked: bool = False, **_) -> Path:
+                     quantization: tuple[dict, dict] | None = None, chunked: bool = False,
+                     attention: str = "original", **_) -> Path:
     """Convert one (adapted) component to `<out>/Resources/<SwiftName>.mlpackage`; return its path.
 
     `chunked` (the UNet): `UnetChunk1` + `UnetChunk2` instead, the first's path returned. int8 (the
     UNet's saved W8A8 graph) computes in fp16 between its quantized layers and needs iOS 17 for int8
-    activations; everything else targets iOS 16 like Apple's converter."""
+    activations; everything else targets iOS 16 like Apple's converter. `attention="split_einsum"`
+    converts the UNet in Apple's Neural Engine layout (`split_einsum.py`); parity still compares the
+    package with the original UNet."""
     check_precision(precision)
     resources = folder.parent / "Resources"
     resources.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, module, inputs, outputs in _parts(component, precision, quantization, chunked):
+    for name, module, inputs, outputs in _parts(component, precision, quantization, chunked, attention):
         try:
             model = _convert(module, inputs, outputs, precision, quantization)
         except Exception as err:  # coremltools names the op it cannot convert; keep that line

@@ -43,11 +43,14 @@ class ExportConfig(BaseModel):
     thresholds: parity.ParityThresholds = Field(default_factory=parity.ParityThresholds)
     workers: int = Field(1, ge=1)  # processes exporting components side by side; each holds its own copy of the model
     chunk_unet: bool = False  # Core ML: the UNet as UnetChunk1 + UnetChunk2 (Swift's layout for large UNets on iOS)
+    # Core ML: the UNet's attention as converted; split_einsum is Apple's Neural Engine layout (see split_einsum.py)
+    coreml_attention: Literal["original", "split_einsum"] = "original"
 
     @model_validator(mode="after")
-    def chunks_are_core_ml(self):
-        if self.chunk_unet and ("coreml" not in self.to or "unet" not in self.components):
-            raise ValueError("chunk_unet splits the Core ML UNet: export the unet to coreml")
+    def core_ml_options_need_its_unet(self):
+        for option, asked in (("chunk_unet", self.chunk_unet), ("coreml_attention", self.coreml_attention != "original")):
+            if asked and ("coreml" not in self.to or "unet" not in self.components):
+                raise ValueError(f"{option} is a Core ML UNet option: export the unet to coreml")
         return self
 
 
@@ -142,7 +145,7 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
     quantization = read_quantization(ref) if name == "unet" else None
     extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
     if fmt == "coreml" and name == "unet":
-        extra["chunked"] = config.chunk_unet
+        extra.update(chunked=config.chunk_unet, attention=config.coreml_attention)
     extra["quantization"] = quantization
     if own_precision == "int8":
         if pipe is not None and quantization is None:

@@ -10,8 +10,8 @@ two layers of the up path (where the weights are), at the layer that best balanc
 so each chunk is an ordinary module that converts (and is checked) like the whole UNet, for any
 block layout our pruning makes: the first chunk returns the time embedding, the hidden state and
 the skip connections the rest of the up path still consumes. The loop mirrors diffusers'
-`UNet2DConditionModel.forward` and its up blocks' layer loop for SD-1/2-style UNets, with LCM's
-guidance embedding.
+`UNet2DConditionModel.forward` and its up blocks' layer loop for SD-1/2 and SDXL-style UNets, with
+LCM's guidance embedding and SDXL's `text_embeds` / `time_ids` conditions.
 """
 
 from __future__ import annotations
@@ -54,9 +54,11 @@ def split_point(unet) -> int:
 
 def check_chunkable(unet) -> None:
     config = dict(unet.config)
-    extra = [key for key in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type") if config.get(key)]
+    extra = [key for key in ("class_embed_type", "encoder_hid_dim_type") if config.get(key)]
+    if config.get("addition_embed_type") not in (None, "text_time"):
+        extra.append("addition_embed_type")
     if extra:
-        raise UserError(f"UNet chunking handles SD-1/2-style UNets; this one has {extra[0]}={config[extra[0]]}")
+        raise UserError(f"UNet chunking handles SD-1/2 and SDXL-style UNets; this one has {extra[0]}={config[extra[0]]}")
     if any(getattr(block, "s1", None) is not None for block in unet.up_blocks):
         raise UserError("UNet chunking runs the up blocks layer by layer; disable FreeU before exporting")
 
@@ -87,17 +89,20 @@ class FirstChunk(torch.nn.Module):
     Where the hidden state is the last skip itself (no mid block, no up block yet), it is sent once:
     Core ML merges identical outputs, and the second chunk reads it off the skips."""
 
-    def __init__(self, unet, split: int, hidden_is_last_skip: bool = False):
+    def __init__(self, unet, split: int, extra: tuple[str, ...], hidden_is_last_skip: bool = False):
         super().__init__()
-        self.unet, self.split, self.hidden_is_last_skip = unet, split, hidden_is_last_skip
+        self.unet, self.split, self.extra, self.hidden_is_last_skip = unet, split, extra, hidden_is_last_skip
 
-    def forward(self, sample, timestep, encoder_hidden_states, *timestep_cond):
-        unet = self.unet
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        unet, named = self.unet, dict(zip(self.extra, extra))
         context = encoder_hidden_states.squeeze(2).transpose(1, 2)
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep),
-                                  timestep_cond[0] if timestep_cond else None)
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), named.get("timestep_cond"))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)  # SDXL's conditions
+        if aug is not None:
+            emb = emb + aug
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
         sample = unet.conv_in(sample)
@@ -133,12 +138,12 @@ class SecondChunk(torch.nn.Module):
 def chunks(unet, inputs: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Module, dict[str, torch.Tensor], list[str]]]:
     """(module, named example inputs, output names) of each chunk, for Apple's UNet `inputs`."""
     check_chunkable(unet)
-    split = split_point(unet)
+    split, extra = split_point(unet), tuple(inputs)[3:]
     with torch.no_grad():
-        emb, hidden, *skips = FirstChunk(unet, split).eval()(*inputs.values())
+        emb, hidden, *skips = FirstChunk(unet, split, extra).eval()(*inputs.values())
     shared = hidden is skips[-1]
     handed = {} if shared else {HIDDEN: hidden}
     handed.update({skip_name(i): skip for i, skip in enumerate(skips)})
     second_inputs = {TIME: emb, "encoder_hidden_states": inputs["encoder_hidden_states"], **handed}
-    return [(FirstChunk(unet, split, shared).eval(), dict(inputs), [TIME, *handed]),
+    return [(FirstChunk(unet, split, extra, shared).eval(), dict(inputs), [TIME, *handed]),
             (SecondChunk(unet, split, shared).eval(), second_inputs, ["noise_pred"])]

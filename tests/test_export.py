@@ -126,7 +126,9 @@ def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
     (["--to", "coreml", "--precision", "int8"], "Core ML int8 ships the UNet `pocketdiff quantize --backend "
                                                 "coreml-w8a8` makes; this model is not quantized"),
     (["--components", "safety_checker"], "components.0: Input should be"),
-    (["--to", "onnx", "--chunk-unet"], "chunk_unet splits the Core ML UNet: export the unet to coreml"),
+    (["--to", "onnx", "--chunk-unet"], "chunk_unet is a Core ML UNet option: export the unet to coreml"),
+    (["--to", "onnx", "--coreml-attention", "split_einsum"], "coreml_attention is a Core ML UNet option"),
+    (["--to", "coreml", "--coreml-attention", "einsum"], "coreml_attention: Input should be 'original' or 'split_einsum'"),
 ])
 def test_bad_export_requests_exit_2(tiny_pipeline, tmp_path, args, message):
     result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), *args, "--out", str(tmp_path)],
@@ -198,6 +200,10 @@ def test_executorch_int8_unet_keeps_the_image(tiny_pipeline, tmp_path):
     assert unet["bytes"] < 4 * params  # int8 linears: below the fp32 weights alone
 
 
+SDXL_STYLE = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80,
+              "use_linear_projection": True, "transformer_layers_per_block": 2}  # SDXL's conditions and transformer depth
+
+
 def _unet_folder(tmp_path, name, **overrides):
     folder = tmp_path / name
     folder.mkdir()
@@ -226,6 +232,15 @@ def test_coreml_pipeline_follows_swift_contract(tiny_pipeline, tmp_path):
         assert parts["unet"]["numeric"].startswith("numeric check skipped")
 
 
+def test_coreml_sdxl_unet_takes_swifts_text_embeds_and_time_ids_chunked_and_split_einsum(tmp_path):
+    sdxl = _unet_folder(tmp_path, "sdxl", **SDXL_STYLE)
+    config = ExportConfig(to=["coreml"], chunk_unet=True, coreml_attention="split_einsum")
+    unet = export_model(modelio.open_model(sdxl), config, tmp_path / "out", log=lambda _: None)["coreml"]["components"]["unet"]
+    assert unet["inputs"] == {"sample": [2, 4, 8, 8], "timestep": [2], "encoder_hidden_states": [2, 32, 1, 77],
+                              "text_embeds": [2, 32], "time_ids": [2, 6]}  # the names and shapes Swift's SDXL Unet feeds
+    assert set(unet["chunks"]) == {"UnetChunk1.mlpackage", "UnetChunk2.mlpackage"} and unet["ops"]["einsum"] > 0
+
+
 def test_coreml_takes_midblockless_and_guidance_embedded_unets(tmp_path):
     pruned = _unet_folder(tmp_path, "no-mid", mid_block_type=None)
     report = export_model(modelio.open_model(pruned), ExportConfig(to=["coreml"]), tmp_path / "a", log=lambda _: None)
@@ -236,7 +251,58 @@ def test_coreml_takes_midblockless_and_guidance_embedded_unets(tmp_path):
     assert inputs["timestep_cond"] == [1, 16] and inputs["sample"][0] == 1  # guidance-free student: batch one
 
 
-@pytest.mark.parametrize("overrides", [{}, {"mid_block_type": None}, {"time_cond_proj_dim": 16},
+@pytest.mark.parametrize("overrides", [{}, {"use_linear_projection": True, "transformer_layers_per_block": 2},
+                                       {"time_cond_proj_dim": 8, "mid_block_type": None}])
+def test_split_einsum_unet_computes_the_unet_with_its_own_weights(overrides):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from pocketdiff.export.split_einsum import SplitEinsumTransformer, split_einsum_unet
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(tiny_unet_config(**overrides)).eval()
+    rewritten = split_einsum_unet(unet)
+    kinds = lambda model: {type(m) for m in model.modules()}  # noqa: E731
+    assert SplitEinsumTransformer not in kinds(unet) and SplitEinsumTransformer in kinds(rewritten)
+    assert sum(isinstance(m, SplitEinsumTransformer) for m in rewritten.modules()) == \
+        sum(isinstance(m, Transformer2DModel) for m in unet.modules())
+    assert [p.data_ptr() for p in rewritten.parameters()] == [p.data_ptr() for p in unet.parameters()]  # shared
+    sample, context, timesteps = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32), torch.tensor([10.0, 700.0])
+    extra = {"timestep_cond": torch.randn(2, 8)} if "time_cond_proj_dim" in overrides else {}
+    with torch.no_grad():
+        expected, ours = (model(sample, timesteps, context, **extra).sample for model in (unet, rewritten))
+    assert (ours - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+def test_split_einsum_refuses_what_it_would_not_compute_exactly():
+    from diffusers import UNet2DConditionModel
+
+    from pocketdiff.export.split_einsum import split_einsum_unet
+
+    unet = UNet2DConditionModel.from_config(tiny_unet_config(only_cross_attention=True))
+    with pytest.raises(UserError, match=r"cannot rewrite down_blocks\.0\.attentions\.0\.transformer_blocks\.0: .*cross-only"):
+        split_einsum_unet(unet)
+
+
+def test_coreml_split_einsum_unet_attends_per_head_in_the_neural_engine_layout(tiny_pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    config = ExportConfig(to=["coreml"], components=["unet"], coreml_attention="split_einsum")
+    entry = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)["coreml"]
+    unet_entry = entry["components"]["unet"]
+    ops, unet = unet_entry["ops"], UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet")
+    heads = sum(m.heads for m in unet.modules() if isinstance(m, Attention))
+    assert ops["softmax"] == heads and ops["einsum"] == 2 * heads  # one softmax and two einsums per head
+    assert "matmul" not in ops and "layer_norm" not in ops  # no (B, heads, S, d) products; norms over channels
+    inside = {id(m) for t in unet.modules() if isinstance(t, Transformer2DModel) for m in t.modules()}
+    outside = sum(isinstance(m, torch.nn.Linear) and id(m) not in inside for m in unet.modules())
+    assert ops["linear"] == outside  # every transformer projection became a 1x1 convolution
+    assert unet_entry["inputs"]["encoder_hidden_states"] == [2, 32, 1, 77] and unet_entry["outputs"] == ["noise_pred"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"mid_block_type": None}, {"time_cond_proj_dim": 16}, SDXL_STYLE,
                                        {"layers_per_block": 1, "block_out_channels": [32, 64, 64]}])
 def test_unet_chunks_compute_the_unet(tmp_path, overrides):
     from pocketdiff.export import coreml, unet_chunks
@@ -302,7 +368,9 @@ def test_coreml_unet_ships_in_two_chunks_swift_runs_in_turn(tmp_path):
     assert max(first["bytes"], second["bytes"]) < 0.75 * entry["bytes"]
     component = type("Int8", (), {"name": "unet"})()
     with pytest.raises(UserError, match="chunking takes a float or palettized UNet"):
-        coreml._parts(component, "int8", None, chunked=True)
+        coreml._parts(component, "int8", None, chunked=True, attention="original")
+    with pytest.raises(UserError, match="split-einsum attention rewrites a float UNet"):
+        coreml._parts(component, "int8", None, chunked=False, attention="split_einsum")
 
 
 def test_sdxl_pipeline_is_refused_clearly():

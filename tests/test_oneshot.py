@@ -12,7 +12,7 @@ from pocketdiff.apps.errors import UserError
 from pocketdiff.compress import oneshot
 from pocketdiff.compress.blocks import build_student, teacher_plan
 from pocketdiff.compress.prune import calibration_batches, prune_to_target
-from tests.conftest import three_stage_config
+from tests.conftest import three_stage_config, tiny_unet_config
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,44 @@ def test_every_unit_is_a_stock_diffusers_unet(teacher, tmp_path):
         reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "s").eval()
         with torch.no_grad():
             assert torch.allclose(reloaded(**inputs).sample, student.eval()(**inputs).sample, atol=1e-5), unit.name
+
+
+# two-layer stages with deep transformers, SDXL's shape in small: a plain outer stage, a cross-attention inner one
+DEEP = dict(layers_per_block=2, transformer_layers_per_block=[2, 3], use_linear_projection=True,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+
+
+def test_deep_transformers_lose_single_blocks_in_a_stock_config(tmp_path):
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel.from_config(tiny_unet_config(**DEEP)).eval()
+    config = dict(teacher.config)
+    costs = oneshot.Costs(config, "params")
+    units = {u.name: u for u in oneshot.removable_units(config, costs) if u.kind == "transformer"}
+    assert len(units) == 3 + 3 * 3  # down_blocks.1's second attention, the three of up_blocks.0
+    # diffusers' config gives the mid block the depth of the innermost down stage's first attention: both keep theirs
+    assert not any(name.startswith(("mid_block", "down_blocks.1.attentions.0")) for name in units)
+    unit = units["up_blocks.0.attentions.1.transformer_blocks.1"]
+    plan = unit.apply(teacher_plan(config))
+    student, removed = build_student(teacher, plan)
+    assert removed == [unit.name] and sum(p.numel() for p in student.parameters()) == costs(plan)
+    assert student.config.reverse_transformer_layers_per_block == [[3, 2, 3], [2, 2, 2]]
+    blocks, source = student.up_blocks[0].attentions[1].transformer_blocks, teacher.up_blocks[0].attentions[1].transformer_blocks
+    assert len(blocks) == 2 and torch.equal(blocks[1].ff.net[2].weight, source[2].ff.net[2].weight)  # block 2 moved up
+    second = units["up_blocks.0.attentions.1.transformer_blocks.0"].apply(plan)
+    assert second is not None and units["up_blocks.0.attentions.1.transformer_blocks.2"].apply(second) is None  # the last stays
+    student.save_pretrained(tmp_path / "s")
+    inputs = modelio.unet_example_inputs(config, 8, batch=2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "s").eval()
+        assert torch.allclose(reloaded(**inputs).sample, student.eval()(**inputs).sample, atol=1e-5)
+    # a block whose three residual branches add nothing is the identity: removing it scores 0, every other block more
+    block = teacher.down_blocks[1].attentions[1].transformer_blocks[2]
+    for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    scores = oneshot.distortion_scores(teacher, list(units.values()), [inputs])
+    assert scores["down_blocks.1.attentions.1.transformer_blocks.2"] < 1e-10
+    assert min(v for k, v in scores.items() if k != "down_blocks.1.attentions.1.transformer_blocks.2") > 1e-6
 
 
 def test_distortion_is_zero_for_a_unit_that_does_nothing(teacher):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -53,6 +54,7 @@ class PruneConfig(StageConfig):
     criterion: Literal["distortion", "magnitude", "random"] = "distortion"
     device: str = "host-cpu"  # a latency target is judged on this device profile
     runtime: Literal["torch", "onnxruntime"] = "torch"  # host-cpu: the runtime the latency table is timed in
+    latency_table: Path | None = None  # latency=R: a saved table (an earlier run's latency_table.json), not timed again
     prompts: list[str] | None = Field(None, min_length=1)
     steps: int = Field(10, ge=1)
     guidance: float = Field(7.5, ge=0)
@@ -74,6 +76,8 @@ class PruneConfig(StageConfig):
     def one_way(self):
         if (self.preset is None) == (self.target is None):
             raise ValueError("give either preset or target")
+        if self.latency_table is not None and not (self.target or "").startswith("latency="):
+            raise ValueError("latency_table goes with a latency=R target")
         return self
 
 
@@ -86,7 +90,7 @@ def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
     else:
         report = prune_to_target(ctx.model, parse_target(config.target), ctx.out, config.criterion, config.prompts,
                                  config.steps, config.guidance, config.seed, device=config.device,
-                                 runtime=config.runtime)
+                                 table_file=config.latency_table, runtime=config.runtime)
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 

@@ -253,17 +253,29 @@ def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):
     from pocketdiff.compress.oneshot import Target
     from pocketdiff.compress.prune import prune_to_target
 
-    result = subprocess.run(["pocketdiff", "prune", str(three_stage_pipeline), "--target", "latency=0.7", "--criterion",
+    result = subprocess.run(["pocketdiff", "prune", str(three_stage_pipeline), "--target", "latency=0.8", "--criterion",
                              "random", "--out", str(tmp_path / "a")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "a" / "prune_report.json").read_text())
-    assert report["latency_ms_after"] <= 0.7 * report["latency_ms_before"] and report["device"] == "host-cpu"
+    assert report["latency_ms_after"] <= 0.8 * report["latency_ms_before"] and report["device"] == "host-cpu"
     assert "predicted latency on host-cpu" in result.stdout
     ref, table = modelio.open_model(three_stage_pipeline), tmp_path / "a" / "latency_table.json"
-    again = prune_to_target(ref, Target("latency", 0.7), tmp_path / "b", criterion="random", table_file=table)
+    again = prune_to_target(ref, Target("latency", 0.8), tmp_path / "b", criterion="random", table_file=table)
     assert again["removed"] == report["removed"]  # the saved table, read back, makes the same choice
+    from rich.console import Console
+
+    from pocketdiff.apps.recipe import parse_recipe
+    from pocketdiff.apps.runner import run_recipe
+
+    stage = f"{{target: latency=0.8, criterion: random, latency_table: {table}}}"
+    run = run_recipe(parse_recipe(f"name: t\nmodel: {three_stage_pipeline}\nstages:\n  - prune: {stage}\n", "t.yaml"),
+                     tmp_path / "runs", Console(record=True))
+    assert json.loads((run / "01-prune" / "prune_report.json").read_text())["removed"] == report["removed"]
+    with pytest.raises(UserError, match="latency_table goes with a latency=R target"):
+        parse_recipe(f"name: t\nmodel: default\nstages:\n  - prune: {{target: params=0.5, latency_table: {table}}}\n",
+                     "t.yaml")
     with pytest.raises(UserError, match=r"a table for host-cpu \(torch\), not galaxy-s24 \(torch\)"):
-        prune_to_target(ref, Target("latency", 0.7), tmp_path / "c", criterion="random", device="galaxy-s24",
+        prune_to_target(ref, Target("latency", 0.8), tmp_path / "c", criterion="random", device="galaxy-s24",
                         table_file=table)
 
 

@@ -14,7 +14,8 @@ Deep transformers (SDXL's ten blocks per attention) lose single transformer bloc
 `dropped` names them, and the student's depth per attention is written as the nested
 `transformer_layers_per_block` (per down layer) and `reverse_transformer_layers_per_block` (per up
 layer) diffusers reads. Diffusers gives the mid block the depth of the innermost down stage's first
-attention, so the two stay equal (a plan that parts them does not fit).
+attention, so the two stay equal (a plan that parts them does not fit; `oneshot` offers units that
+take a block of each).
 
 BK-SDM's presets ("On Architectural Compression of Text-to-Image Diffusion Models") are plans:
 - `bk-base`: one residual+attention pair per down stage instead of two, two per up stage instead of

@@ -71,11 +71,14 @@ class Unit:
     def apply(self, plan: Plan) -> Plan | None:
         s = self.stage
         if self.kind == "transformer":
-            attention = self.name.rpartition(".transformer_blocks.")[0]
-            gone = sum(name.startswith(attention + ".") for name in plan.dropped)
-            if self.name in plan.dropped or gone + 1 >= self.depth or not self._attends(plan):
-                return None  # already gone, the attention's last block (the attention units' job), or moot
-            return plan.replace(dropped=tuple(sorted((*plan.dropped, self.name))))
+            names = self.name.split("+")
+            for name in names:
+                attention = name.rpartition(".transformer_blocks.")[0]
+                if name in plan.dropped or sum(d.startswith(attention + ".") for d in plan.dropped) + 1 >= self.depth:
+                    return None  # already gone, or the attention's last block (the attention units' job)
+            if not self._attends(plan):
+                return None
+            return plan.replace(dropped=tuple(sorted((*plan.dropped, *names))))
         if self.kind == "pair":
             if s >= plan.stages or len(plan.down[s]) < 2 or self.down not in plan.down[s] or self.up not in plan.up[s]:
                 return None
@@ -96,13 +99,13 @@ class Unit:
         return plan.replace(down=plan.down[:-1], up=plan.up[:-1]) if innermost and keeps_two else None
 
     def _attends(self, plan: Plan) -> bool:
-        """Whether the attention this transformer unit's block sits in is still in `plan`."""
+        """Whether the attentions this transformer unit's blocks sit in are all still in `plan`."""
         s = self.stage
-        if self.down >= 0:
-            return s < plan.stages and plan.down_attention[s] and self.down in plan.down[s]
-        if self.up >= 0:
-            return s < plan.stages and plan.up_attention[s] and self.up in plan.up[s]
-        return plan.mid == "UNetMidBlock2DCrossAttn"
+        if self.down >= 0 and not (s < plan.stages and plan.down_attention[s] and self.down in plan.down[s]):
+            return False
+        if self.up >= 0 and not (s < plan.stages and plan.up_attention[s] and self.up in plan.up[s]):
+            return False
+        return not self.name.startswith("mid_block") or plan.mid == "UNetMidBlock2DCrossAttn"
 
 
 def apply_all(plan: Plan, units) -> Plan | None:
@@ -159,7 +162,8 @@ def removable_units(config: dict, costs: Costs) -> list[Unit]:
 
 
 def transformer_units(config: dict) -> list[Unit]:
-    """One unit per transformer block of every teacher attention deeper than one block."""
+    """One unit per transformer block of every teacher attention deeper than one block; where the mid block's
+    depth is tied to the innermost down stage's first attention (see `blocks`), units of a block of each."""
     plan, stages = teacher_plan(config), len(config["down_block_types"])
     down_depth, up_depth, mid_depth = teacher_depths(config)
 
@@ -177,6 +181,11 @@ def transformer_units(config: dict) -> list[Unit]:
                                                             up_depth[s][i], stage=s, up=i)]
     if plan.mid == "UNetMidBlock2DCrossAttn":
         units += blocks("mid_block.attentions.0", mid_depth)
+        if plan.down_attention[-1]:
+            first = f"down_blocks.{stages - 1}.attentions.{plan.down[-1][0]}.transformer_blocks"
+            units += [Unit(f"mid_block.attentions.0.transformer_blocks.{i}+{first}.{i}", "transformer",
+                           stage=stages - 1, down=plan.down[-1][0], depth=mid_depth) for i in range(mid_depth)
+                      if mid_depth > 1]
     return units
 
 

@@ -53,9 +53,14 @@ def test_deep_transformers_lose_single_blocks_in_a_stock_config(tmp_path):
     config = dict(teacher.config)
     costs = oneshot.Costs(config, "params")
     units = {u.name: u for u in oneshot.removable_units(config, costs) if u.kind == "transformer"}
-    assert len(units) == 3 + 3 * 3  # down_blocks.1's second attention, the three of up_blocks.0
-    # diffusers' config gives the mid block the depth of the innermost down stage's first attention: both keep theirs
-    assert not any(name.startswith(("mid_block", "down_blocks.1.attentions.0")) for name in units)
+    # down_blocks.1's second attention, the three of up_blocks.0; diffusers' config gives the mid block the depth of
+    # the innermost down stage's first attention, so their blocks go together
+    assert len(units) == 3 + 3 * 3 + 3
+    assert not any(name.startswith("down_blocks.1.attentions.0") for name in units)
+    joint = units["mid_block.attentions.0.transformer_blocks.1+down_blocks.1.attentions.0.transformer_blocks.1"]
+    student, removed = build_student(teacher, joint.apply(teacher_plan(config)))
+    assert removed == sorted(joint.name.split("+")) and student.config.transformer_layers_per_block == [[2, 2], [2, 3]]
+    assert len(student.mid_block.attentions[0].transformer_blocks) == 2
     unit = units["up_blocks.0.attentions.1.transformer_blocks.1"]
     plan = unit.apply(teacher_plan(config))
     student, removed = build_student(teacher, plan)

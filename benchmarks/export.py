@@ -32,7 +32,6 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
     import warnings
 
     warnings.simplefilter("ignore")
-    import torch
 
     from pocketdiff.apps import modelio
     from pocketdiff.devices.timing import median_seconds

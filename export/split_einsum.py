@@ -52,7 +52,7 @@ def _attention(attn, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
 
 
 def _feed_forward(ff, x: torch.Tensor) -> torch.Tensor:
-    from diffusers.models.activations import GEGLU, GELU
+    from diffusers.models.activations import GEGLU
 
     activation, out = ff.net[0], ff.net[2]
     x = _conv(activation.proj, x)

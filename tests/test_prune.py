@@ -1,6 +1,5 @@
 """BK-SDM presets: the paper's sizes on SD-1.5, weights carried from the teacher, stock diffusers loads them."""
 
-import json
 import math
 
 import pytest

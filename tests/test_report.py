@@ -4,7 +4,6 @@ import csv
 import json
 import re
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The embedded default: reproducible training that stock diffusers loads, and the shipped weights."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

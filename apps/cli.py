@@ -271,7 +271,7 @@ def export_(model: ModelArg,
             min_psnr: Annotated[Optional[float], typer.Option(help="End-to-end image PSNR limit in dB (default by precision: 40 fp32, 30 fp16, 25 int8).")] = None,
             workers: Annotated[int, typer.Option(help="Processes exporting components side by side (each loads the model).")] = 1,
             chunk_unet: Annotated[bool, typer.Option(help="Core ML: the UNet as UnetChunk1 + UnetChunk2, as Swift loads large UNets on iOS.")] = False,
-            coreml_attention: Annotated[str, typer.Option(help="Core ML UNet attention: original, or split_einsum (Apple's Neural Engine layout).")] = "original",
+            coreml_attention: Annotated[str, typer.Option(help="Core ML UNet attention: original, split_einsum (Apple's Neural Engine layout) or split_einsum_v2 (its queries in chunks).")] = "original",
             allow_pickle: AllowPickle = False):
     """Export every component to ONNX (optimum's layout), ExecuTorch (.pte) or Core ML (Swift layout), checked against PyTorch."""
     from pydantic import ValidationError

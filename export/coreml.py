@@ -35,7 +35,7 @@ from ..apps.errors import UserError
 from . import unet_chunks
 from .clip_bpe import write_vocab_and_merges
 from .components import Component, UNet, quiet_tracing, require_saved_int8, saved_int8_unet
-from .split_einsum import split_einsum_unet
+from .split_einsum import QUERY_CHUNK, split_einsum_unet
 
 DEFAULT_PRECISION = "fp16"
 INT8_BACKENDS = ("coreml-w8a8",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
@@ -196,11 +196,11 @@ def _convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: 
 def _parts(component: Component, precision: str, quantization, chunked: bool,
            attention: str) -> list[tuple[str, torch.nn.Module, dict, list]]:
     """(Swift name, module, inputs, outputs) of each package a component ships as."""
-    if attention == "split_einsum" and component.name == "unet":
+    if attention != "original" and component.name == "unet":
         if precision == "int8":
             raise UserError("split-einsum attention rewrites a float UNet; the int8 graph ships as it was trained")
-        component = Component("unet", Unet(split_einsum_unet(component.module.unet), component.module.extra).eval(),
-                              component.inputs, component.outputs)
+        unet = split_einsum_unet(component.module.unet, QUERY_CHUNK if attention == "split_einsum_v2" else None)
+        component = Component("unet", Unet(unet, component.module.extra).eval(), component.inputs, component.outputs)
     if chunked:
         if precision == "int8":
             raise UserError("Core ML UNet chunking takes a float or palettized UNet; the int8 graph is one program")
@@ -218,8 +218,8 @@ def export_component(component: Component, folder: Path, precision: str,
     `chunked` (the UNet): `UnetChunk1` + `UnetChunk2` instead, the first's path returned. int8 (the
     UNet's saved W8A8 graph) computes in fp16 between its quantized layers and needs iOS 17 for int8
     activations; everything else targets iOS 16 like Apple's converter. `attention="split_einsum"`
-    converts the UNet in Apple's Neural Engine layout (`split_einsum.py`); parity still compares the
-    package with the original UNet."""
+    (or `"split_einsum_v2"`, queries in chunks) converts the UNet in Apple's Neural Engine layout
+    (`split_einsum.py`); parity still compares the package with the original UNet."""
     check_precision(precision)
     resources = folder.parent / "Resources"
     resources.mkdir(parents=True, exist_ok=True)

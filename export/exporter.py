@@ -44,7 +44,7 @@ class ExportConfig(BaseModel):
     workers: int = Field(1, ge=1)  # processes exporting components side by side; each holds its own copy of the model
     chunk_unet: bool = False  # Core ML: the UNet as UnetChunk1 + UnetChunk2 (Swift's layout for large UNets on iOS)
     # Core ML: the UNet's attention as converted; split_einsum is Apple's Neural Engine layout (see split_einsum.py)
-    coreml_attention: Literal["original", "split_einsum"] = "original"
+    coreml_attention: Literal["original", "split_einsum", "split_einsum_v2"] = "original"
 
     @model_validator(mode="after")
     def core_ml_options_need_its_unet(self):

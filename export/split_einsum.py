@@ -7,6 +7,8 @@ normalises over the channel axis, and attention runs one head at a time, each he
 einsum over its slice of the channels, so no (B, heads, S, d) reshape or rank-5 tensor appears.
 Apple reports that layout as what keeps the whole UNet on the Neural Engine; on the GPU and CPU
 the original attention is as fast or faster, hence an option (Apple's converter has the same).
+SPLIT_EINSUM_V2, Apple's later variant for larger images, also cuts each head's queries into
+chunks of 512 so no score tensor grows with the square of a long sequence.
 
 `split_einsum_unet` returns a UNet computing the same function with the same weights (shared, not
 copied), its `Transformer2DModel`s replaced by `SplitEinsumTransformer`. It takes SD-1/2 and SDXL
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..apps.errors import UserError
+
+QUERY_CHUNK = 512  # SPLIT_EINSUM_V2's query chunk, Apple's: long sequences (high resolutions) in ANE-sized pieces
 
 
 def _conv(linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -39,15 +43,21 @@ def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return x + norm.bias[None, :, None, None] if norm.bias is not None else x
 
 
-def _attention(attn, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Softmax attention one head at a time: x (B, C, 1, S) attends to context (B, C', 1, T)."""
+def _attention(attn, x: torch.Tensor, context: torch.Tensor, query_chunk: int | None) -> torch.Tensor:
+    """Softmax attention one head at a time: x (B, C, 1, S) attends to context (B, C', 1, T); with
+    `query_chunk`, each head's queries in chunks of that many (Apple's SPLIT_EINSUM_V2)."""
     q, k, v = _conv(attn.to_q, x), _conv(attn.to_k, context), _conv(attn.to_v, context)
-    width = q.shape[1] // attn.heads
+    width, length = q.shape[1] // attn.heads, q.shape[3]
+    step = query_chunk or length
     heads = []
     for h in range(attn.heads):
         part = slice(h * width, (h + 1) * width)
-        scores = torch.einsum("bchq,bkhc->bkhq", q[:, part], k[:, part].transpose(1, 3)) * attn.scale
-        heads.append(torch.einsum("bkhq,bchk->bchq", scores.softmax(dim=1), v[:, part]))
+        keys, values = k[:, part].transpose(1, 3), v[:, part]
+        chunks = []
+        for start in range(0, length, step):
+            scores = torch.einsum("bchq,bkhc->bkhq", q[:, part, :, start:start + step], keys) * attn.scale
+            chunks.append(torch.einsum("bkhq,bchk->bchq", scores.softmax(dim=1), values))
+        heads.append(torch.cat(chunks, dim=3) if len(chunks) > 1 else chunks[0])
     return _conv(attn.to_out[0], torch.cat(heads, dim=1))
 
 
@@ -86,13 +96,13 @@ def _check_block(block, where: str) -> None:
 class SplitEinsumTransformer(torch.nn.Module):
     """A `Transformer2DModel` (continuous input) computed in the (B, C, 1, S) layout, its own weights shared."""
 
-    def __init__(self, transformer, where: str):
+    def __init__(self, transformer, where: str, query_chunk: int | None = None):
         super().__init__()
         if transformer.is_input_vectorized or transformer.is_input_patches:
             raise UserError(f"split-einsum attention cannot rewrite {where}: it takes patches or vectorized input")
         for i, block in enumerate(transformer.transformer_blocks):
             _check_block(block, f"{where}.transformer_blocks.{i}")
-        self.transformer = transformer
+        self.transformer, self.query_chunk = transformer, query_chunk
 
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, encoder_attention_mask=None,
                 return_dict=False, **_):
@@ -106,17 +116,18 @@ class SplitEinsumTransformer(torch.nn.Module):
         context = encoder_hidden_states.transpose(1, 2).unsqueeze(2) if encoder_hidden_states is not None else None
         for block in t.transformer_blocks:
             normed = _layer_norm(block.norm1, x)
-            x = _attention(block.attn1, normed, normed) + x
+            x = _attention(block.attn1, normed, normed, self.query_chunk) + x
             if block.attn2 is not None:
                 normed = _layer_norm(block.norm2, x)
-                x = _attention(block.attn2, normed, normed if context is None else context) + x
+                x = _attention(block.attn2, normed, normed if context is None else context, self.query_chunk) + x
             x = _feed_forward(block.ff, _layer_norm(block.norm3, x)) + x
         x = _conv(t.proj_out, x) if t.use_linear_projection else t.proj_out(x)
         return (x.reshape(batch, x.shape[1], height, width) + hidden_states,)
 
 
-def split_einsum_unet(unet):
-    """The UNet with every transformer in split-einsum form; weights shared with `unet`, which is unchanged."""
+def split_einsum_unet(unet, query_chunk: int | None = None):
+    """The UNet with every transformer in split-einsum form; weights shared with `unet`, which is unchanged.
+    `query_chunk`: attend in chunks of that many queries (SPLIT_EINSUM_V2 takes `QUERY_CHUNK`)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     shared = {id(t): t for t in [*unet.parameters(), *unet.buffers()]}
@@ -127,5 +138,5 @@ def split_einsum_unet(unet):
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = rewritten.get_submodule(parent_name)
-        parent.register_module(child, SplitEinsumTransformer(parent.get_submodule(child), name))
+        parent.register_module(child, SplitEinsumTransformer(parent.get_submodule(child), name, query_chunk))
     return rewritten.eval()

@@ -128,7 +128,7 @@ def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
     (["--components", "safety_checker"], "components.0: Input should be"),
     (["--to", "onnx", "--chunk-unet"], "chunk_unet is a Core ML UNet option: export the unet to coreml"),
     (["--to", "onnx", "--coreml-attention", "split_einsum"], "coreml_attention is a Core ML UNet option"),
-    (["--to", "coreml", "--coreml-attention", "einsum"], "coreml_attention: Input should be 'original' or 'split_einsum'"),
+    (["--to", "coreml", "--coreml-attention", "einsum"], "coreml_attention: Input should be 'original', 'split_einsum' or 'split_einsum_v2'"),
 ])
 def test_bad_export_requests_exit_2(tiny_pipeline, tmp_path, args, message):
     result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), *args, "--out", str(tmp_path)],
@@ -232,6 +232,24 @@ def test_coreml_pipeline_follows_swift_contract(tiny_pipeline, tmp_path):
         assert parts["unet"]["numeric"].startswith("numeric check skipped")
 
 
+def test_coreml_split_einsum_v2_attends_in_query_chunks_of_512(tmp_path):
+    from diffusers.models.attention_processor import Attention
+
+    from pocketdiff.export.split_einsum import QUERY_CHUNK
+
+    folder = _unet_folder(tmp_path, "unet", sample_size=32)  # 1,024 queries in the outer stage, 256 in the mid block
+    unet, lengths = modelio.load_unet(modelio.open_model(folder)), {}
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.register_forward_hook(lambda m, args, _: lengths.__setitem__(m, args[0].shape[1]))
+    with torch.no_grad():
+        unet(**modelio.unet_example_inputs(dict(unet.config), 32, batch=1))
+    config = ExportConfig(to=["coreml"], coreml_attention="split_einsum_v2")
+    ops = export_model(modelio.open_model(folder), config, tmp_path / "out", log=lambda _: None)["coreml"]["components"]["unet"]["ops"]
+    assert ops["softmax"] == sum(m.heads * -(-length // QUERY_CHUNK) for m, length in lengths.items()) > sum(
+        m.heads for m in lengths)  # a softmax per head and query chunk: the outer stage's in two
+
+
 def test_coreml_sdxl_unet_takes_swifts_text_embeds_and_time_ids_chunked_and_split_einsum(tmp_path):
     sdxl = _unet_folder(tmp_path, "sdxl", **SDXL_STYLE)
     config = ExportConfig(to=["coreml"], chunk_unet=True, coreml_attention="split_einsum")
@@ -251,9 +269,10 @@ def test_coreml_takes_midblockless_and_guidance_embedded_unets(tmp_path):
     assert inputs["timestep_cond"] == [1, 16] and inputs["sample"][0] == 1  # guidance-free student: batch one
 
 
+@pytest.mark.parametrize("query_chunk", [None, 24])  # 24: the 64 queries of the outer stage in 24 + 24 + 16
 @pytest.mark.parametrize("overrides", [{}, {"use_linear_projection": True, "transformer_layers_per_block": 2},
                                        {"time_cond_proj_dim": 8, "mid_block_type": None}])
-def test_split_einsum_unet_computes_the_unet_with_its_own_weights(overrides):
+def test_split_einsum_unet_computes_the_unet_with_its_own_weights(overrides, query_chunk):
     from diffusers import UNet2DConditionModel
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -261,7 +280,7 @@ def test_split_einsum_unet_computes_the_unet_with_its_own_weights(overrides):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(tiny_unet_config(**overrides)).eval()
-    rewritten = split_einsum_unet(unet)
+    rewritten = split_einsum_unet(unet, query_chunk)
     kinds = lambda model: {type(m) for m in model.modules()}  # noqa: E731
     assert SplitEinsumTransformer not in kinds(unet) and SplitEinsumTransformer in kinds(rewritten)
     assert sum(isinstance(m, SplitEinsumTransformer) for m in rewritten.modules()) == \

@@ -23,7 +23,7 @@ CASES = [("default", "onnx", "fp32"), ("default", "executorch", "fp32"), ("defau
          ("default", "coreml", "fp16"), ("default", "coreml", "fp16-split_einsum")]
 SD15_CASES = [("sd15", "onnx", "fp32"), ("sd15", "executorch", "fp32"), ("sd15", "executorch", "int8"),
               ("sd15", "coreml", "fp16"), ("sd15", "coreml", "fp16-chunked"),  # chunked: UnetChunk1 + UnetChunk2
-              ("sd15", "coreml", "fp16-split_einsum")]  # the Neural Engine's attention layout
+              ("sd15", "coreml", "fp16-split_einsum"), ("sd15", "coreml", "fp16-split_einsum_v2")]  # Neural Engine layouts
 UNET_OPS = ("softmax", "einsum", "matmul", "layer_norm", "linear", "conv")  # what split-einsum changes
 
 
@@ -48,9 +48,9 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
         model = str(folder)
     ref = modelio.open_model(model)
     began = time.perf_counter()
-    precision, _, option = precision.partition("-")  # a Core ML option: chunked, split_einsum
+    precision, _, option = precision.partition("-")  # a Core ML option: chunked, split_einsum, split_einsum_v2
     config = ExportConfig(to=[fmt], precision=precision, chunk_unet=option == "chunked",
-                          coreml_attention="split_einsum" if option == "split_einsum" else "original")
+                          coreml_attention=option if option.startswith("split_einsum") else "original")
     report = export_model(ref, config, out, log=lambda _: None)[fmt]
     result = {"export_seconds": round(time.perf_counter() - began, 1),
               "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),

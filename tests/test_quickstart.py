@@ -48,9 +48,11 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     assert report["onnx"]["components"]["unet"]["precision"] == "fp32"
     for name in ("TextEncoder", "Unet", "VAEDecoder"):  # Apple's Swift package layout
         assert (export / "coreml" / "Resources" / f"{name}.mlpackage").is_dir()
-    for stage, runtime in (("11-profile", "onnxruntime"), ("12-profile", "executorch")):
+    # efficiency against the host's fp32 roofline: the fp32 ONNX UNet stays under it; the int8 ExecuTorch UNet may pass
+    # it (VNNI does 4x the multiply-adds of fp32 FMA per instruction: this project's AVX512-VNNI host measured 2.1)
+    for stage, runtime, bound in (("11-profile", "onnxruntime", 1.5), ("12-profile", "executorch", 4.0)):
         profiled = manifests[stage]["metrics"]
-        assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < 1.5, runtime
+        assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < bound, runtime
     page = (run_dir / "report" / "report.html").read_text()
     assert all(name in page for name in stages) and "CPUExecutionProvider" in page
     assert re.search(r"xnnpack \d+", page)  # the op-coverage row of the ExecuTorch profile: ops XNNPACK took

@@ -74,9 +74,11 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def one_way(self):
+        from ..compress.oneshot import parse_target
+
         if (self.preset is None) == (self.target is None):
             raise ValueError("give either preset or target")
-        if self.latency_table is not None and not (self.target or "").startswith("latency="):
+        if self.latency_table is not None and (self.target is None or parse_target(self.target).metric != "latency"):
             raise ValueError("latency_table goes with a latency=R target")
         return self
 

@@ -101,7 +101,8 @@ def teacher_depths(config: dict) -> tuple[list[list[int]], list[list[int]], int]
     return down, up, down[-1][0]
 
 
-def _depth_left(plan: Plan, attention: str, depth: int) -> int:
+def depth_left(plan: Plan, attention: str, depth: int) -> int:
+    """Transformer blocks the plan keeps in a teacher attention of `depth` blocks."""
     return depth - sum(name.startswith(attention + ".") for name in plan.dropped)
 
 
@@ -109,11 +110,11 @@ def _write_depths(config: dict, teacher: dict, plan: Plan) -> None:
     """The student's depth per attention, in the nested fields diffusers reads (see the module docstring)."""
     stages, kept = len(teacher["down_block_types"]), plan.stages
     down_depth, up_depth, mid_depth = teacher_depths(teacher)
-    down = [[_depth_left(plan, f"down_blocks.{s}.attentions.{d}", down_depth[s][d]) for d in plan.down[s]]
+    down = [[depth_left(plan, f"down_blocks.{s}.attentions.{d}", down_depth[s][d]) for d in plan.down[s]]
             for s in range(kept)]
-    up = [[_depth_left(plan, f"up_blocks.{stages - 1 - s}.attentions.{u}", up_depth[s][u]) for u in plan.up[s]]
+    up = [[depth_left(plan, f"up_blocks.{stages - 1 - s}.attentions.{u}", up_depth[s][u]) for u in plan.up[s]]
           for s in range(kept)]
-    mid = _depth_left(plan, "mid_block.attentions.0", mid_depth)
+    mid = depth_left(plan, "mid_block.attentions.0", mid_depth)
     if plan.mid == "UNetMidBlock2DCrossAttn":
         if not plan.down_attention[kept - 1]:
             down[-1] = [mid] * len(down[-1])  # a plain block ignores its depth: it can carry the mid block's

@@ -27,8 +27,8 @@ import torch
 from ..apps import modelio
 from ..apps.errors import UserError
 from ..devices.macs import count
-from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, instantiate, mapped_student, shapes, teacher_depths,
-                     teacher_plan)
+from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, depth_left, instantiate, mapped_student, shapes,
+                     teacher_depths, teacher_plan)
 
 CRITERIA = ("distortion", "magnitude", "random")
 METRICS = ("params", "macs", "latency")
@@ -74,7 +74,7 @@ class Unit:
             names = self.name.split("+")
             for name in names:
                 attention = name.rpartition(".transformer_blocks.")[0]
-                if name in plan.dropped or sum(d.startswith(attention + ".") for d in plan.dropped) + 1 >= self.depth:
+                if name in plan.dropped or depth_left(plan, attention, self.depth) <= 1:
                     return None  # already gone, or the attention's last block (the attention units' job)
             if not self._attends(plan):
                 return None
@@ -181,11 +181,10 @@ def transformer_units(config: dict) -> list[Unit]:
                                                             up_depth[s][i], stage=s, up=i)]
     if plan.mid == "UNetMidBlock2DCrossAttn":
         units += blocks("mid_block.attentions.0", mid_depth)
-        if plan.down_attention[-1]:
+        if plan.down_attention[-1] and mid_depth > 1:
             first = f"down_blocks.{stages - 1}.attentions.{plan.down[-1][0]}.transformer_blocks"
             units += [Unit(f"mid_block.attentions.0.transformer_blocks.{i}+{first}.{i}", "transformer",
-                           stage=stages - 1, down=plan.down[-1][0], depth=mid_depth) for i in range(mid_depth)
-                      if mid_depth > 1]
+                           stage=stages - 1, down=plan.down[-1][0], depth=mid_depth) for i in range(mid_depth)]
     return units
 
 

@@ -49,6 +49,13 @@ class TextEncoder(torch.nn.Module):
         return out.last_hidden_state, out.pooler_output
 
 
+def unet_conditions(names: tuple[str, ...], values) -> tuple[dict | None, dict]:
+    """A UNet's extra inputs by name: SDXL's `text_embeds` / `time_ids` (diffusers' `added_cond_kwargs`, None
+    where absent) and the rest (LCM's `timestep_cond`)."""
+    named = dict(zip(names, values))
+    return {k: named.pop(k) for k in ("text_embeds", "time_ids") if k in named} or None, named
+
+
 class UNet(torch.nn.Module):
     """A scalar `timestep`, and SDXL's / LCM's extra conditions as plain inputs."""
 
@@ -57,8 +64,7 @@ class UNet(torch.nn.Module):
         self.unet, self.extra = unet, extra
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        named = dict(zip(self.extra, extra))
-        added = {k: named.pop(k) for k in ("text_embeds", "time_ids") if k in named} or None
+        added, named = unet_conditions(self.extra, extra)
         return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
                          return_dict=False, **named)[0]
 

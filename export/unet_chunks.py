@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..apps.errors import UserError
+from .components import unet_conditions
 
 HIDDEN, TIME = "hidden_states", "time_embedding"  # not `sample`: the first chunk's outputs must not shadow the UNet's inputs
 
@@ -94,12 +95,11 @@ class FirstChunk(torch.nn.Module):
         self.unet, self.split, self.extra, self.hidden_is_last_skip = unet, split, extra, hidden_is_last_skip
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        unet, named = self.unet, dict(zip(self.extra, extra))
+        unet, (added, named) = self.unet, unet_conditions(self.extra, extra)
         context = encoder_hidden_states.squeeze(2).transpose(1, 2)
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), named.get("timestep_cond"))
-        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
         aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added)  # SDXL's conditions
         if aug is not None:
             emb = emb + aug

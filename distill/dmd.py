@@ -30,7 +30,8 @@ from safetensors.torch import load_file
 
 from ..apps.runner import hash_model_folder
 from . import data
-from .latents import _digest, save_atomic, token_ids
+from .conditions import TextConditions, caption_ids
+from .latents import _digest, save_atomic
 from .steps import (GuidedTeacher, StepDistillConfig, _Batch, _col, _run, alpha_at, boundary_scalings, ddim_to,
                     guidance_embedding, output_for, with_guidance_input, x0_and_eps)
 from .trainer import Trainer, epoch_batches
@@ -40,12 +41,13 @@ CHAINS = (1, 2, 4)  # the step counts the student is trained to sample in (LCMSc
 
 @dataclass(frozen=True)
 class Pairs:
-    """The guided teacher's ODE samples: starting noise, final latent, guidance scale and prompt ids."""
+    """The guided teacher's ODE samples: starting noise, final latent, guidance scale and prompt ids (per text
+    encoder, under the batch keys `TextConditions` reads)."""
 
     noise: torch.Tensor
     sample: torch.Tensor
     guidance: torch.Tensor
-    ids: torch.Tensor
+    ids: dict[str, torch.Tensor]
 
     def __len__(self) -> int:
         return len(self.noise)
@@ -64,8 +66,9 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
                   config.guidance_max, config.seed)
     path = data.cache_dir() / "pairs" / f"{key}.safetensors"
     if path.exists():
-        return Pairs(**load_file(path))
-    ids, empty_ids = token_ids(pipe.tokenizer, chosen), token_ids(pipe.tokenizer, [""])
+        saved = load_file(path)
+        return Pairs(saved.pop("noise"), saved.pop("sample"), saved.pop("guidance"), saved)
+    ids, conditions = caption_ids(pipe, chosen), TextConditions(pipe)
     random = torch.Generator().manual_seed(config.seed)
     unet, device = pipe.unet, pipe.unet.device
     shape = (len(chosen), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -74,18 +77,17 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
     stride = len(alphas) // config.teacher_steps
     grid = [len(alphas) - 1 - stride * i for i in range(config.teacher_steps)]
     teacher, samples = GuidedTeacher(unet, pipe.scheduler.config.prediction_type), []
-    empty = pipe.text_encoder(empty_ids.to(device))[0]
     for start in track(range(0, len(chosen), batch), description="teacher pairs"):
         part = slice(start, start + batch)
-        text = pipe.text_encoder(ids[part].to(device))[0]
         x, g = noise[part].to(device), guidance[part].to(device)
+        text, empty = conditions({k: v[part].to(device) for k, v in ids.items()}), conditions.unconditional(len(x), device)
         for timestep in grid:
             t = torch.full((len(x),), timestep, device=device)
-            x = ddim_to(*teacher(x, t, alpha_at(alphas, final_alpha, t), text, empty.expand_as(text), g),
+            x = ddim_to(*teacher(x, t, alpha_at(alphas, final_alpha, t), text, empty, g),
                         alpha_at(alphas, final_alpha, (t - stride).clamp(min=-1)))
         samples.append(x.cpu())
     pairs = Pairs(noise, torch.cat(samples).contiguous(), guidance, ids)
-    save_atomic({"noise": pairs.noise, "sample": pairs.sample, "guidance": pairs.guidance, "ids": pairs.ids}, path)
+    save_atomic({"noise": pairs.noise, "sample": pairs.sample, "guidance": pairs.guidance, **pairs.ids}, path)
     return pairs
 
 
@@ -115,16 +117,16 @@ class DMDLoss:
     def _alpha(self, t: torch.Tensor) -> torch.Tensor:
         return alpha_at(self.alphas, self.final_alpha, t)
 
-    def _generate(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _generate(self, x: torch.Tensor, t: torch.Tensor, text: dict, cond: torch.Tensor) -> torch.Tensor:
         """The generator's denoised sample at (x, t): what LCMScheduler.step computes from its output."""
-        out = self.networks["generator"](x, t, text, timestep_cond=cond).sample.float()
+        out = self.networks["generator"](x, t, **text, timestep_cond=cond).sample.float()
         c_skip, c_out = boundary_scalings(t)
         return c_skip * x + c_out * x0_and_eps(out, x, self._alpha(t), self.prediction)[0]
 
     @torch.no_grad()
     def _simulate(self, text, cond, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's input at a random position of a random chain, reached by sampling the generator."""
-        device, n = text.device, text.shape[0]
+        device, n = cond.device, cond.shape[0]
         chains = self.chains.to(device)
         chain = torch.randint(0, len(CHAINS), (n,), generator=generator, device=device)
         lengths = torch.tensor(CHAINS, device=device)[chain]
@@ -139,12 +141,12 @@ class DMDLoss:
         return x, chains[chain, position]
 
     def _fake_out(self, x, t, text, cond) -> torch.Tensor:
-        return self.networks["fake"](x, t, text, timestep_cond=cond).sample.float()
+        return self.networks["fake"](x, t, **text, timestep_cond=cond).sample.float()
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         config = self.config
         _, text, empty, guidance = self.parts.draw(batch, generator)
-        device, n = text.device, text.shape[0]
+        device, n = guidance.device, guidance.shape[0]
         cond = guidance_embedding(guidance, self.dim)
         x, t = self._simulate(text, cond, generator)
         generator_step = batch["step"] % config.fake_updates == 0
@@ -179,7 +181,7 @@ class DMDLoss:
         noise, sample = self.pairs.noise[index].to(device), self.pairs.sample[index].to(device)
         guidance = self.pairs.guidance[index].to(device)
         with torch.no_grad():
-            text = self.parts.text_encoder(self.pairs.ids[index].to(device))[0]
+            text = self.parts.conditions({k: v[index].to(device) for k, v in self.pairs.ids.items()})
         t = torch.full((len(noise),), int(self.chains[0, 0]), device=device)
         cond = guidance_embedding(guidance, self.dim)
         regression = (self._generate(noise, t, text, cond) - sample).pow(2).mean()

@@ -7,7 +7,8 @@ or every transformer block's self-attention output (`self-attention`, KOALA's fi
 through the prune report's plan with the teacher layer each student layer came from. Pairs whose
 shapes differ (a stage that lost its downsampler) are dropped and reported. LAPTOP-Diff's
 normalisation divides each feature term by the teacher feature's mean square, so no block
-dominates by its scale. The text encoder and VAE stay the teacher's; only the UNet trains.
+dominates by its scale. The text encoder(s) and VAE stay the teacher's; only the UNet trains. An SDXL
+teacher's UNet gets its added conditions as its pipeline computes them (`conditions.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data
+from .conditions import TextConditions, text_parts
 from .trainer import RunSettings, Trainer, last_logged
 
 _STRUCTURE = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "mid_block_type",
@@ -147,11 +149,16 @@ def resolve_teacher(student: modelio.ModelRef, teacher: str | None) -> modelio.M
     return modelio.open_model(named)
 
 
-def _check_pair(teacher_config: dict, student_config_: dict) -> None:
-    if teacher_config.get("addition_embed_type") or teacher_config.get("time_cond_proj_dim"):
-        raise UserError("KD feeds SD-1/2-style UNet inputs; this teacher takes added conditions (SDXL or a "
-                        "guidance-embedded UNet), which KD does not build yet")
-    for key in ("in_channels", "out_channels", "cross_attention_dim"):
+def _check_pair(pipe, student_config_: dict) -> None:
+    teacher_config = dict(pipe.unet.config)
+    if teacher_config.get("time_cond_proj_dim"):
+        raise UserError("KD feeds the UNet text conditions; this teacher also takes a guidance embedding "
+                        "(time_cond_proj_dim), which KD does not build")
+    if teacher_config.get("addition_embed_type") and not (teacher_config["addition_embed_type"] == "text_time"
+                                                           and getattr(pipe, "text_encoder_2", None) is not None):
+        raise UserError(f"KD builds SDXL's added conditions from an SDXL pipeline's two text encoders; this teacher "
+                        f"takes addition_embed_type {teacher_config['addition_embed_type']!r} without them")
+    for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
         if teacher_config.get(key) != student_config_.get(key):
             raise UserError(f"student and teacher differ in {key} ({student_config_.get(key)} vs "
                             f"{teacher_config.get(key)}): not a student of this teacher")
@@ -179,12 +186,11 @@ class KDLoss:
     def __init__(self, pipe, student, pairs: list[tuple[str, str]], config: KDConfig):
         from diffusers import DDPMScheduler
 
-        self.teacher, self.text_encoder, self.student = pipe.unet, pipe.text_encoder, student
+        self.teacher, self.conditions, self.student = pipe.unet, TextConditions(pipe), student
         self.pairs, self.config = pairs, config
         self.scale = pipe.vae.config.scaling_factor
         schedule = DDPMScheduler.from_config(pipe.scheduler.config)
         self.alphas, self.prediction = schedule.alphas_cumprod, schedule.config.prediction_type
-        self.empty = latent_data.token_ids(pipe.tokenizer, [""])[0]
         self.student_taps = Taps(student, [s for s, _ in pairs])
         self.teacher_taps = Taps(self.teacher, [t for _, t in pairs])
 
@@ -197,9 +203,9 @@ class KDLoss:
         a = self.alphas.to(device)[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         with torch.no_grad():
-            text = self.text_encoder(torch.where(drop[:, None], self.empty.to(device), batch["ids"]))[0]
-            teacher_pred = self.teacher(noisy, t, text).sample.float()
-        pred = self.student(noisy, t, text).sample.float()
+            text = self.conditions(batch, drop)
+            teacher_pred = self.teacher(noisy, t, **text).sample.float()
+        pred = self.student(noisy, t, **text).sample.float()
         target = a.sqrt() * noise - (1 - a).sqrt() * z if self.prediction == "v_prediction" else noise
         terms = {"task": (pred - target).pow(2).mean(), "output_kd": (pred - teacher_pred).pow(2).mean()}
         per_pair = {f"feature/{s}": feature_term(self.student_taps.outputs[s], self.teacher_taps.outputs[t],
@@ -228,9 +234,10 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
         raise UserError(f"{student_ref.unet_path}: the student has no weights (prune a model with weights first)")
     pipe = modelio.load_pipeline(teacher_ref)
     student = modelio.load_unet(student_ref)
-    _check_pair(dict(pipe.unet.config), dict(student.config))
-    for frozen in (pipe.unet.eval(), pipe.text_encoder.eval()):
-        frozen.requires_grad_(False)
+    _check_pair(pipe, dict(student.config))
+    encoders = [encoder for _, encoder in text_parts(pipe)]
+    for frozen in (pipe.unet, *encoders):
+        frozen.eval().requires_grad_(False)
     pairs, dropped = choose_pairs(pipe.unet, student, config.features, student_ref.path)
     log(f"feature KD ({config.features}): {len(pairs)} pairs" + (f", {len(dropped)} dropped for shape" if dropped else ""))
 
@@ -245,8 +252,8 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
                 "config": config.model_dump()}
     trainer = Trainer(student, loss, batch_for, train_config, out, "kd", identity)
     resumed_at = trainer.step
-    pipe.unet.to(trainer.accelerator.device)
-    pipe.text_encoder.to(trainer.accelerator.device)
+    for frozen in (pipe.unet, *encoders):
+        frozen.to(trainer.accelerator.device)
     try:
         trainer.run()
     finally:

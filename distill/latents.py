@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from . import data
+from .conditions import caption_ids
 from .trainer import epoch_batches
 
 
@@ -187,23 +188,17 @@ def training_latents(pipe, teacher, settings: DataSettings, seed: int) -> Latent
     return image_latents(pipe, teacher.path / "vae", settings.data, resolution)
 
 
-def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
-    """Token ids of `captions` as the text encoder takes them: padded to the tokenizer's length, truncated."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def training_batches(pipe, teacher, settings: DataSettings, seed: int, batch: int) -> tuple[LatentSet, Callable[[int], dict]]:
-    """A run's latent set and its batches as a function of the step (latents, std and token ids)."""
+    """A run's latent set and its batches as a function of the step (latents, std and each text encoder's token ids)."""
     from accelerate import PartialState
 
     with PartialState().main_process_first():  # one process builds the latent cache, the others read it
         latents = training_latents(pipe, teacher, settings, seed)
-    ids = token_ids(pipe.tokenizer, latents.captions)
+    ids = caption_ids(pipe, latents.captions)
     pick = epoch_batches(len(latents), min(batch, len(latents)), seed)
 
     def batch_for(step: int) -> dict:
         index = pick(step)
-        return {"mean": latents.mean[index], "std": latents.std[index], "ids": ids[index]}
+        return {"mean": latents.mean[index], "std": latents.std[index], **{k: v[index] for k, v in ids.items()}}
 
     return latents, batch_for

@@ -4,7 +4,8 @@ Every method gives the student LCM's guidance input (`time_cond_proj_dim`, the g
 embedded as stock diffusers' pipelines embed it, `guidance − 1`), added to the teacher's weights
 with its projection zeroed so the student starts as the teacher. Stock diffusers then runs one UNet
 evaluation per step and no classifier-free pair, and the saved scheduler (LCM's, or DDIM on the
-trained grid) samples the student with `StableDiffusionPipeline` at the distilled step count.
+trained grid) samples the student with the teacher's pipeline class (`StableDiffusionPipeline`,
+`StableDiffusionXLPipeline`) at the distilled step count.
 
 - `lcm` (Latent Consistency Models; diffusers' train_lcm_distill_sd_wds.py is the peer): one DDIM
   step of the guided teacher over a `solver_steps` grid, the student's consistency output
@@ -18,7 +19,8 @@ trained grid) samples the student with `StableDiffusionPipeline` at the distille
   the student follows the difference of the fake and the guided teacher's scores, plus regression
   to the teacher's own samples; sampled with LCMScheduler in 1, 2 or 4 steps.
 
-The text encoder and VAE stay the teacher's; only the UNet trains.
+The text encoder(s) and VAE stay the teacher's; only the UNet trains. Every UNet call takes the text
+conditions its pipeline computes (`conditions.py`: SDXL's added conditions too).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from . import latents as latent_data
+from .conditions import TextConditions, map_conditions, text_parts
 from .trainer import RunSettings, Trainer, last_logged
 
 GUIDANCE_DIM = 256  # diffusers' LCM students use 256 (`time_cond_proj_dim`)
@@ -155,19 +158,21 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_dat
 
 
 class GuidedTeacher:
-    """The teacher's guided (x̂0, ε̂): a classifier-free pair, or one call where guidance is already embedded."""
+    """The teacher's guided (x̂0, ε̂): a classifier-free pair, or one call where guidance is already embedded.
+    `text` and `empty_text` are the UNet's text keyword arguments (`conditions.TextConditions`)."""
 
     def __init__(self, unet, prediction: str):
         self.unet, self.prediction = unet, prediction
         self.embedded = bool(unet.config.get("time_cond_proj_dim"))
 
     @torch.no_grad()
-    def __call__(self, x, t, a, text, empty_text, guidance) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x, t, a, text: dict, empty_text: dict, guidance) -> tuple[torch.Tensor, torch.Tensor]:
         if self.embedded:
             cond = guidance_embedding(guidance, self.unet.config.time_cond_proj_dim)
-            out = self.unet(x, t, text, timestep_cond=cond.to(x.dtype)).sample.float()
+            out = self.unet(x, t, **text, timestep_cond=cond.to(x.dtype)).sample.float()
             return x0_and_eps(out, x, a, self.prediction)
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, empty_text])).sample.float()
+        both = map_conditions(lambda c, u: torch.cat([c, u]), text, empty_text)
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.float()
         x0_c, eps_c = x0_and_eps(out[:len(x)], x, a, self.prediction)
         x0_u, eps_u = x0_and_eps(out[len(x):], x, a, self.prediction)
         g = _col(guidance)
@@ -175,22 +180,17 @@ class GuidedTeacher:
 
 
 class _Batch:
-    """The parts of a step both losses draw: text embeddings, clean latents, guidance scales."""
+    """The parts of a step both losses draw: text conditions, clean latents, guidance scales."""
 
     def __init__(self, pipe, config: StepDistillConfig):
-        self.text_encoder, self.config = pipe.text_encoder, config
+        self.conditions, self.config = TextConditions(pipe), config
         self.scale = pipe.vae.config.scaling_factor
-        self.empty_ids = latent_data.token_ids(pipe.tokenizer, [""])
-        self.empty: torch.Tensor | None = None  # the empty prompt's embedding, encoded once (the encoder is frozen)
 
     @torch.no_grad()
     def draw(self, batch: dict, generator: torch.Generator):
         config, device, shape = self.config, batch["mean"].device, batch["mean"].shape
         z = (batch["mean"] + batch["std"] * torch.randn(shape, generator=generator, device=device)) * self.scale
-        text = self.text_encoder(batch["ids"])[0]
-        if self.empty is None or self.empty.device != text.device:
-            self.empty = self.text_encoder(self.empty_ids.to(device))[0]
-        empty = self.empty.expand_as(text)
+        text, empty = self.conditions(batch), self.conditions.unconditional(shape[0], device)
         u = torch.rand(shape[0], generator=generator, device=device)
         guidance = config.guidance_min + (config.guidance_max - config.guidance_min) * u
         return z, text, empty, guidance
@@ -221,13 +221,13 @@ class LCMLoss:
         x = ddim_to(z, noise, a)
         cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
 
-        out = self.student(x, t, text, timestep_cond=cond).sample.float()
+        out = self.student(x, t, **text, timestep_cond=cond).sample.float()
         c_skip, c_out = boundary_scalings(t)
         pred = c_skip * x + c_out * x0_and_eps(out, x, a, self.prediction)[0]
         with torch.no_grad():
             x_prev = ddim_to(*self.teacher(x, t, a, text, empty, guidance), a_prev)
-            target_out = torch.func.functional_call(self.student, self.target_weights, (x_prev, t_prev, text),
-                                                    {"timestep_cond": cond}).sample.float()
+            target_out = torch.func.functional_call(self.student, self.target_weights, (x_prev, t_prev),
+                                                    {**text, "timestep_cond": cond}).sample.float()
             c_skip, c_out = boundary_scalings(t_prev)
             target = c_skip * x_prev + c_out * x0_and_eps(target_out, x_prev, a_prev, self.prediction)[0]
         if self.config.loss == "huber":
@@ -266,7 +266,7 @@ class ProgressiveLoss:
             ratio = _col((1 - a_end) / (1 - a)).sqrt()
             x0_target = (x_end - ratio * x) / (_col(a_end).sqrt() - ratio * _col(a).sqrt())
         cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
-        out = self.student(x, t, text, timestep_cond=cond).sample.float()
+        out = self.student(x, t, **text, timestep_cond=cond).sample.float()
         x0 = x0_and_eps(out, x, a, self.prediction)[0]
         target = output_for(x0_target, x, a, self.prediction)
         return {"loss": (out - target).pow(2).mean(), "x0_mse": (x0 - x0_target).pow(2).mean().detach()}
@@ -306,9 +306,6 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
     if model_ref.kind != "pipeline" or model_ref.random_weights:
         raise UserError(f"{model_ref.path}: step distillation needs a pipeline folder with weights")
     pipe = modelio.load_pipeline(model_ref)
-    unet_config = dict(pipe.unet.config)
-    if unet_config.get("addition_embed_type"):
-        raise UserError("step distillation feeds SD-1/2-style UNet inputs; SDXL's added conditions are not built yet")
     teacher_prediction = pipe.scheduler.config.prediction_type
     prediction = teacher_prediction if config.prediction == "teacher" else config.prediction
     alphas, final_alpha = _schedule(pipe)
@@ -316,8 +313,8 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
     if bad:
         raise UserError(f"{bad[0]} steps do not divide the {len(alphas)} training timesteps: the student's grid would "
                         "not be the one diffusers samples (choose step counts that divide it)")
-    for frozen in (pipe.unet.eval(), pipe.text_encoder.eval()):
-        frozen.requires_grad_(False)
+    for frozen in (pipe.unet, *[encoder for _, encoder in text_parts(pipe)]):
+        frozen.eval().requires_grad_(False)
 
     latents, batch_for = latent_data.training_batches(pipe, model_ref, config, config.seed, config.batch)
 
@@ -371,8 +368,8 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
 def _run(trainer: Trainer, pipe, folder: Path, student_steps: int) -> dict:
     """Train with the frozen teacher parts on the trainer's device; the round's figures."""
     resumed_at = trainer.step
-    pipe.unet.to(trainer.accelerator.device)
-    pipe.text_encoder.to(trainer.accelerator.device)
+    for frozen in (pipe.unet, *[encoder for _, encoder in text_parts(pipe)]):
+        frozen.to(trainer.accelerator.device)
     began = time.perf_counter()
     trainer.run()
     return {"student_steps": student_steps, "resumed_at_step": resumed_at,

@@ -19,7 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from . import data, tokenizer
-from .latents import encode_images, token_ids
+from .conditions import token_ids
+from .latents import encode_images
 from .trainer import Trainer, TrainConfig, epoch_batches
 
 RESOLUTION = 32

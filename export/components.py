@@ -40,13 +40,36 @@ class Component:
 
 
 class TextEncoder(torch.nn.Module):
-    def __init__(self, text_encoder):
+    """optimum's text-encoder outputs: `last_hidden_state`, `pooler_output` (SDXL's second encoder, with its
+    projection: `text_embeds`, `last_hidden_state`), and in an SDXL pipeline every `hidden_states.i`, because
+    SDXL conditions on the penultimate layer."""
+
+    def __init__(self, text_encoder, hidden_states: bool = False):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.hidden_states = text_encoder, hidden_states
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids)
-        return out.last_hidden_state, out.pooler_output
+        out = self.text_encoder(input_ids, output_hidden_states=self.hidden_states)
+        first = (out.text_embeds, out.last_hidden_state) if hasattr(out, "text_embeds") else (
+            out.last_hidden_state, out.pooler_output)
+        return first + (tuple(out.hidden_states) if self.hidden_states else ())
+
+
+def text_encoder_outputs(text_encoder, hidden_states: bool) -> list[str]:
+    """The output names `TextEncoder(text_encoder, hidden_states)` returns, in order."""
+    first = (["text_embeds", "last_hidden_state"] if hasattr(text_encoder, "text_projection")
+             else ["last_hidden_state", "pooler_output"])
+    layers = text_encoder.config.num_hidden_layers
+    return first + ([f"hidden_states.{i}" for i in range(layers + 1)] if hidden_states else [])
+
+
+def pipeline_component_names(pipe, asked: list[str]) -> list[str]:
+    """The components to export: as asked, with SDXL's second text encoder beside its first (an SDXL
+    pipeline's "text_encoder" is both encoders, which the runtime needs together)."""
+    names = list(asked)
+    if getattr(pipe, "text_encoder_2", None) is not None and "text_encoder" in names:
+        names.insert(names.index("text_encoder") + 1, "text_encoder_2")
+    return names
 
 
 def unet_conditions(names: tuple[str, ...], values) -> tuple[dict | None, dict]:
@@ -118,20 +141,21 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
     latent_size = latent_size or modelio.unet_config(ref)["sample_size"]
     if ref.kind == "unet":
         return [unet_component(modelio.load_unet(ref), latent_size)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise UserError(f"{ref.path}: export handles SD-1.x/2.x-style pipelines (one text encoder); "
-                        "export an SDXL UNet folder on its own")
-
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     def seeded():  # a generator per component: its inputs do not depend on which others are built
         return torch.Generator().manual_seed(EXAMPLE_SEED)
 
     factor = modelio.vae_scale_factor(ref)
     tokens = pipe.tokenizer.model_max_length
+
+    def text(name: str) -> Component:
+        encoder = getattr(pipe, name)
+        return Component(name, TextEncoder(encoder, sdxl).eval(),
+                         {"input_ids": torch.randint(0, encoder.config.vocab_size, (1, tokens), generator=seeded())},
+                         text_encoder_outputs(encoder, sdxl), {"input_ids": {0: "batch_size"}}, name)
+
     made = {
-        "text_encoder": lambda: Component(
-            "text_encoder", TextEncoder(pipe.text_encoder).eval(),
-            {"input_ids": torch.randint(0, pipe.text_encoder.config.vocab_size, (1, tokens), generator=seeded())},
-            ["last_hidden_state", "pooler_output"], {"input_ids": {0: "batch_size"}}, "text_encoder"),
+        "text_encoder": lambda: text("text_encoder"),
         "unet": lambda: unet_component(pipe.unet, latent_size, tokens=tokens),
         "vae_encoder": lambda: Component(
             "vae_encoder", VaeEncoder(pipe.vae).eval(),
@@ -143,6 +167,8 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
                                           generator=seeded())},
             ["sample"], {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}, "vae"),
     }
+    if sdxl:
+        made["text_encoder_2"] = lambda: text("text_encoder_2")
     unknown = set(names) - set(made)
     if unknown:
         raise UserError(f"unknown component(s) {', '.join(sorted(unknown))} (known: {', '.join(made)})")

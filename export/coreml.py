@@ -7,8 +7,10 @@ Names, shapes and dtypes follow apple/ml-stable-diffusion: the text encoder take
 a per-batch float32 `timestep` and `encoder_hidden_states` in the (B, dim, 1, 77) layout and
 returns `noise_pred`; the decoder takes `z`, the encoder Apple's image-to-image inputs. Unlike
 Apple's converter this one takes mid-block-less UNets (BK-SDM small/tiny) and keeps an LCM
-student's guidance embedding as a `timestep_cond` input. Swift scales latents by SD's 0.18215;
-our VAE wrappers fold in the model's own scaling factor, so any VAE works unchanged.
+student's guidance embedding as a `timestep_cond` input. Swift apps scale latents by SD's 0.18215
+(SDXL's 0.13025 when they run an XL pipeline); our VAE wrappers fold in the model's own scaling
+factor against that, so any VAE works unchanged. An SDXL pipeline adds `TextEncoder2` and both
+encoders return `hidden_embeds` and `pooled_outputs`, the names Swift's `TextEncoderXL` reads.
 
 A UNet quantized by `pocketdiff quantize` ships as trained: coreml-w8a8 as its int8 graph
 (int8 weights in `constexpr_affine_dequantize`, int8 activations as quantize/dequantize pairs,
@@ -42,9 +44,9 @@ INT8_BACKENDS = ("coreml-w8a8",)  # the `pocketdiff quantize` backends whose sav
 PALETTIZES = True  # a palettized UNet ships as look-up tables
 DYNAMIC_SHAPES = False
 RUNS_PIPELINE = False
-SWIFT_SCALE = 0.18215
+SWIFT_SCALE, SWIFT_SCALE_XL = 0.18215, 0.13025  # the latent scale Swift apps set (SD; SDXL)
 NO_RUNTIME_REASON = "numeric check skipped: Core ML runs only on macOS"
-SWIFT_NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
+SWIFT_NAMES = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
 CHUNKS = ("UnetChunk1", "UnetChunk2")
 
 
@@ -58,13 +60,18 @@ def check_int8(quantized_for: str | None) -> None:
 
 
 class TextEncoder(torch.nn.Module):
-    def __init__(self, text_encoder):
+    """Swift's `TextEncoder`: `last_hidden_state`, `pooled_outputs`; for SDXL (`TextEncoderXL`, both encoders)
+    `hidden_embeds` (the penultimate layer, what SDXL conditions on) and `pooled_outputs` (the second
+    encoder's projected pooling, the UNet's `text_embeds`)."""
+
+    def __init__(self, text_encoder, sdxl: bool = False):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.text_encoder, self.sdxl = text_encoder, sdxl
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids.to(torch.int32))
-        return out.last_hidden_state, out.pooler_output
+        out = self.text_encoder(input_ids.to(torch.int32), output_hidden_states=self.sdxl)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return (out.hidden_states[-2] if self.sdxl else out.last_hidden_state), pooled
 
 
 class Unet(UNet):
@@ -105,9 +112,9 @@ def _pack_palette(model, quantization: tuple[dict, dict] | None):
 
 
 class VAEDecoder(torch.nn.Module):
-    def __init__(self, vae):
+    def __init__(self, vae, swift_scale: float):
         super().__init__()
-        self.vae, self.rescale = vae, SWIFT_SCALE / vae.config.scaling_factor
+        self.vae, self.rescale = vae, swift_scale / vae.config.scaling_factor
 
     def forward(self, z):
         return self.vae.decode(z * self.rescale, return_dict=False)[0]
@@ -134,9 +141,11 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | N
     which Swift runs unguided at batch one) or `unet_batch` says otherwise.
     """
     inputs = component.inputs
-    if component.name == "text_encoder":
-        return Component("text_encoder", TextEncoder(pipe.text_encoder).eval(),
-                         {"input_ids": inputs["input_ids"].float()}, ["last_hidden_state", "pooled_outputs"])
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if component.name.startswith("text_encoder"):
+        return Component(component.name, TextEncoder(getattr(pipe, component.name), sdxl).eval(),
+                         {"input_ids": inputs["input_ids"].float()},
+                         ["hidden_embeds" if sdxl else "last_hidden_state", "pooled_outputs"])
     if component.name == "unet":
         unet = pipe.unet if pipe is not None else component.module.unet
         config = dict(unet.config)
@@ -148,7 +157,8 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | N
         swift.update({name: repeat(inputs[name]) for name in extra})
         return Component("unet", Unet(unet, extra).eval(), swift, ["noise_pred"])
     if component.name == "vae_decoder":
-        return Component("vae_decoder", VAEDecoder(pipe.vae).eval(), {"z": inputs["latent_sample"]}, ["image"])
+        return Component("vae_decoder", VAEDecoder(pipe.vae, SWIFT_SCALE_XL if sdxl else SWIFT_SCALE).eval(),
+                         {"z": inputs["latent_sample"]}, ["image"])
     factor = modelio.vae_scale_factor(ref)
     image = inputs["sample"]
     latent = (1, pipe.vae.config.latent_channels, image.shape[2] // factor, image.shape[3] // factor)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..apps import modelio
 from . import parity
 from .clip_bpe import write_vocab_and_merges
-from .components import PIPELINE_COMPONENTS, model_components, trace_latent_size
+from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
 
 Format = Literal["onnx", "executorch", "coreml"]
 
@@ -34,6 +34,7 @@ class ExportConfig(BaseModel):
 
     to: list[Format] = Field(default_factory=lambda: ["onnx"], min_length=1)
     precision: Literal["fp32", "fp16", "int8"] | None = None  # None: each format's default (Core ML fp16)
+    # an SDXL pipeline's "text_encoder" is both its encoders (text_encoder_2 goes beside the first)
     components: list[Literal["text_encoder", "unet", "vae_encoder", "vae_decoder"]] = Field(
         default_factory=lambda: list(PIPELINE_COMPONENTS), min_length=1)
     executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1)
@@ -70,14 +71,15 @@ def write_optimum_layout(ref: modelio.ModelRef, out: Path, names: list[str]) -> 
     if ref.kind == "unet":
         shutil.copy2(ref.path / "config.json", out / "unet" / "config.json")
         return
-    for item in ("model_index.json", "tokenizer", "scheduler", "feature_extractor"):
+    for item in ("model_index.json", "tokenizer", "tokenizer_2", "scheduler", "feature_extractor"):
         source = ref.path / item
         if source.is_dir():
             shutil.copytree(source, out / item, dirs_exist_ok=True)
         elif source.exists():
             shutil.copy2(source, out / item)
-    if (out / "tokenizer").is_dir() and not (out / "tokenizer" / "vocab.json").exists():
-        write_vocab_and_merges(out / "tokenizer", out / "tokenizer")  # apps' BPE readers want CLIP's two files
+    for tokenizer in (out / "tokenizer", out / "tokenizer_2"):
+        if tokenizer.is_dir() and not (tokenizer / "vocab.json").exists():
+            write_vocab_and_merges(tokenizer, tokenizer)  # apps' BPE readers want CLIP's two files
     for name in names:
         source = ref.path / ("vae" if name.startswith("vae") else name) / "config.json"
         shutil.copy2(source, out / name / "config.json")
@@ -88,11 +90,20 @@ def _numpy(tensors: dict) -> dict:
 
 
 def torch_images(pipe, prompts: list[str], steps: int, guidance: float, latents: np.ndarray) -> np.ndarray:
-    """The PyTorch pipeline's uint8 images from the given starting latents."""
+    """The PyTorch pipeline's uint8 images from the given starting latents, sampled as the exported runtime
+    samples: deterministic DDIM on the pipeline's own schedule unless its scheduler is LCM's (SD-1.5 ships
+    PNDM, SDXL Euler; against those an exact export would fail its image check)."""
     import torch
+    from diffusers import DDIMScheduler, LCMScheduler
 
-    result = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                  latents=torch.from_numpy(latents))
+    own = pipe.scheduler
+    if not isinstance(own, LCMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(own.config)
+    try:
+        result = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                      latents=torch.from_numpy(latents))
+    finally:
+        pipe.scheduler = own
     return (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -255,7 +266,7 @@ def export_model(ref: modelio.ModelRef, config: ExportConfig, out: Path, seed: i
     for fmt in config.to:
         precision_for(fmt, ref, config)  # a precision a format refuses fails before any work
     pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
-    names = list(config.components) if ref.kind == "pipeline" else ["unet"]
+    names = pipeline_component_names(pipe, config.components) if ref.kind == "pipeline" else ["unet"]
     entries = export_components([(fmt, name) for fmt in config.to for name in names], ref, pipe, config, out, log)
     reports = {fmt: finish_format(fmt, ref, pipe, config, out / fmt, {name: entries[fmt, name] for name in names},
                                   seed, log) for fmt in config.to}

@@ -89,7 +89,13 @@ def load_model(path: Path, etdump: bool = False):
 
 
 class ExportedPipeline:
-    """Text → uint8 images from an exported folder (optimum's layout), on one backend."""
+    """Text → uint8 images from an exported folder (optimum's layout), on one backend.
+
+    SDXL (a `text_encoder_2/` beside the first): the UNet's text states are both encoders'
+    penultimate layers side by side, `text_embeds` the second encoder's projected pooling and
+    `time_ids` the default size conditioning (original and target size the output's, no crop); with
+    `force_zeros_for_empty_prompt` the unconditional half is zeros, as diffusers does it.
+    """
 
     def __init__(self, folder: Path, backend: str, etdump: bool = False):
         folder = Path(folder)
@@ -101,28 +107,34 @@ class ExportedPipeline:
         missing = [p for p in ("text_encoder", "unet", "vae_decoder") if not (folder / p / file).exists()]
         if missing:
             raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
-        self.tokenizer = ClipBPE(folder / "tokenizer")
         self.scheduler = scheduler_from_folder(folder / "scheduler")
-        self.text_encoder = load_model(folder / "text_encoder" / file, etdump)
-        self.unet = load_model(folder / "unet" / file, etdump)
-        self.vae_decoder = load_model(folder / "vae_decoder" / file, etdump)
-        unet_config = json.loads((folder / "unet" / "config.json").read_text())
-        vae_config = json.loads((folder / "vae_decoder" / "config.json").read_text())
+        self.models = {name: load_model(folder / name / file, etdump)
+                       for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder") if (folder / name / file).exists()}
+        self.unet, self.vae_decoder = self.models["unet"], self.models["vae_decoder"]
+        self.encoders = [(ClipBPE(folder / tokenizer), self.models[name], _read(folder / name / "config.json"))
+                         for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
+                         if name in self.models]
+        unet_config, vae_config = _read(folder / "unet" / "config.json"), _read(folder / "vae_decoder" / "config.json")
         self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
         self.scaling = float(vae_config.get("scaling_factor", 0.18215))
         self.guidance_dim = unet_config.get("time_cond_proj_dim")  # a few-step student: guidance in its weights
         self.unet_batch = self.unet.static_shapes.get("sample", (None,))[0]  # None: any batch
-        known = ("sample", "timestep", "encoder_hidden_states") + (("timestep_cond",) if self.guidance_dim else ())
+        self.sdxl = len(self.encoders) == 2
+        index = folder / "model_index.json"
+        self.zero_negative = self.sdxl and (_read(index) if index.exists() else {}).get("force_zeros_for_empty_prompt", True)
+        image_size = self.latent_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+        self.time_ids = np.array([[image_size, image_size, 0, 0, image_size, image_size]], dtype=np.float32)
+        known = {"sample", "timestep", "encoder_hidden_states"} | ({"timestep_cond"} if self.guidance_dim else set()) | (
+            {"text_embeds", "time_ids"} if self.sdxl else set())
         extra = [n for n in self.unet.input_names if n not in known]
         if extra:
-            raise UserError(f"{folder}: the exported-pipeline runner handles SD-1.x/2.x UNets; this one also takes "
-                            f"{', '.join(extra)}")
+            raise UserError(f"{folder}: the exported-pipeline runner handles SD-1.x/2.x and SDXL UNets fed by their "
+                            f"text encoders; this one also takes {', '.join(extra)} (an SDXL UNet needs text_encoder_2/)")
 
     def write_etdumps(self, out: Path) -> list[Path]:
         """One `<component>.etdp` per component, covering every call so far."""
         out.mkdir(parents=True, exist_ok=True)
-        return [model.write_etdump(out / f"{name}.etdp") for name, model in
-                (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae_decoder", self.vae_decoder))]
+        return [model.write_etdump(out / f"{name}.etdp") for name, model in self.models.items()]
 
     def initial_latents(self, count: int, seed: int) -> np.ndarray:
         """Prompt i's starting noise from its own generator seeded `seed + i` (numpy's PCG64)."""
@@ -130,9 +142,22 @@ class ExportedPipeline:
         return np.stack([np.random.default_rng(seed + i).standard_normal(shape, dtype=np.float32)
                          for i in range(count)])
 
-    def encode(self, prompts: list[str]) -> np.ndarray:
-        ids = np.array([self.tokenizer.encode(p) for p in prompts], dtype=np.int64)
-        return np.concatenate([self.text_encoder({"input_ids": row[None]})["last_hidden_state"] for row in ids])
+    def conditions(self, prompt: str) -> dict[str, np.ndarray]:
+        """The UNet's text conditions for one prompt, batch one: `encoder_hidden_states` (and SDXL's two)."""
+        outputs = [encoder({"input_ids": np.array([tokenizer.encode(prompt)], dtype=np.int64)})
+                   for tokenizer, encoder, _ in self.encoders]
+        if not self.sdxl:
+            return {"encoder_hidden_states": outputs[0]["last_hidden_state"]}
+        penultimate = [out[f"hidden_states.{config['num_hidden_layers'] - 1}"]
+                       for out, (_, _, config) in zip(outputs, self.encoders)]
+        return {"encoder_hidden_states": np.concatenate(penultimate, axis=-1), "text_embeds": outputs[1]["text_embeds"],
+                "time_ids": self.time_ids}
+
+    def negative_conditions(self, cond: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The unconditional half of a guided step: the empty prompt's, or SDXL's zeros beside `cond`'s size."""
+        if self.zero_negative:
+            return {k: v if k == "time_ids" else np.zeros_like(v) for k, v in cond.items()}
+        return self.conditions("")
 
     def __call__(self, prompts: list[str], steps: int, guidance: float, seed: int = 0,
                  latents: np.ndarray | None = None) -> np.ndarray:
@@ -140,39 +165,42 @@ class ExportedPipeline:
                                    self.initial_latents(1, seed + i)[0], np.random.default_rng([seed + i, 1]))
                          for i, p in enumerate(prompts)])
 
-    def _unet(self, sample: np.ndarray, t, context: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
-        """One UNet call; a graph traced at a fixed batch (ExecuTorch, int8 ONNX) gets its batch by padding or splitting."""
-        fixed = self.unet_batch
-        if fixed is None or fixed == len(sample):
-            inputs = {"sample": sample, "timestep": np.array(t, dtype=np.float32), "encoder_hidden_states": context}
-            if cond is not None:
-                inputs["timestep_cond"] = cond
-            return self.unet(inputs)["out_sample"]
-        parts = [a for a in (sample, context, cond) if a is not None]
-        if fixed > len(sample):
-            repeat = -(-fixed // len(sample))
-            padded = [np.concatenate([a] * repeat)[:fixed] for a in parts] + [None]
-            return self._unet(padded[0], t, padded[1], padded[2])[:len(sample)]
-        chunks = [[a[i:i + fixed] for a in parts] + [None] for i in range(0, len(sample), fixed)]
-        return np.concatenate([self._unet(c[0], t, c[1], c[2]) for c in chunks])
+    def _unet(self, batch: dict[str, np.ndarray], t) -> np.ndarray:
+        """One UNet call on batched inputs; a graph traced at a fixed batch (ExecuTorch, int8 ONNX) gets its batch
+        by padding or splitting."""
+        count, fixed = len(batch["sample"]), self.unet_batch
+        if fixed is None or fixed == count:
+            return self.unet({**batch, "timestep": np.array(t, dtype=np.float32)})["out_sample"]
+        if fixed > count:
+            repeat = -(-fixed // count)
+            return self._unet({k: np.concatenate([v] * repeat)[:fixed] for k, v in batch.items()}, t)[:count]
+        return np.concatenate([self._unet({k: v[i:i + fixed] for k, v in batch.items()}, t)
+                               for i in range(0, count, fixed)])
 
     def _one(self, prompt: str, steps: int, guidance: float, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        cond = self.encode([prompt])
+        cond = self.conditions(prompt)
         embedded = guidance_embedding(guidance, self.guidance_dim) if self.guidance_dim else None
         guided = guidance > 1.0 and embedded is None  # a student with guidance inside needs no unconditional pass
-        context = np.concatenate([self.encode([""]), cond]) if guided else cond
+        if guided:
+            cond = {k: np.concatenate([v, cond[k]]) for k, v in self.negative_conditions(cond).items()}
+        if embedded is not None:
+            cond["timestep_cond"] = embedded
         x = latent[None].astype(np.float32)
         for t in self.scheduler.timesteps(steps):
-            out = self._unet(np.concatenate([x, x]) if guided else x, t, context, embedded)
+            out = self._unet({"sample": np.concatenate([x, x]) if guided else x, **cond}, t)
             eps = out[:1] + guidance * (out[1:] - out[:1]) if guided else out
             x = self.scheduler.step(eps, int(t), x, steps, rng)
         image = self.vae_decoder({"latent_sample": x / self.scaling})["sample"][0]
         return (np.clip(image.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _read(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def scheduler_from_folder(folder: Path) -> DDIM | LCM:
     """The numpy sampler for a scheduler config: LCM's for LCMScheduler, deterministic DDIM for the rest."""
-    config = json.loads((Path(folder) / "scheduler_config.json").read_text())
+    config = _read(Path(folder) / "scheduler_config.json")
     return LCM(config) if config.get("_class_name") == "LCMScheduler" else DDIM(config)
 
 

@@ -25,28 +25,64 @@ def tiny_unet_config(**overrides) -> dict:
     return config
 
 
-def build_tiny_pipeline(folder: Path) -> Path:
-    """A complete StableDiffusionPipeline folder with random (seeded) weights, 32 px images."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tiny_text_parts(folder: Path, projection: int | None = None):
+    """The captions' CLIP tokenizer and a one-layer text encoder on it (with a projection: SDXL's second)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from pocketdiff.distill.tokenizer import build_clip_tokenizer_files
+
+    tok = CLIPTokenizer.from_pretrained(build_clip_tokenizer_files(CAPTIONS, folder.parent / f"{folder.name}-tokenizer"))
+    vocab = tok.get_vocab()
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=77, eos_token_id=vocab["<|endoftext|>"],
+                            bos_token_id=vocab["<|startoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+                            **({"projection_dim": projection} if projection else {}))
+    return tok, (CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config))
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, sample_size=32)
+
+
+def build_tiny_pipeline(folder: Path) -> Path:
+    """A complete StableDiffusionPipeline folder with random (seeded) weights, 32 px images."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
     from pocketdiff.distill.zoo import scheduler_config
 
     torch.manual_seed(0)
-    tok_dir = build_clip_tokenizer_files(CAPTIONS, folder.parent / f"{folder.name}-tokenizer")
-    tok = CLIPTokenizer.from_pretrained(tok_dir)
-    vocab = tok.get_vocab()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
-                                        eos_token_id=vocab["<|endoftext|>"], bos_token_id=vocab["<|startoftext|>"],
-                                        pad_token_id=vocab["<|endoftext|>"]))
-    vae = AutoencoderKL(block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, sample_size=32)
+    tok, text = _tiny_text_parts(folder)
     unet = UNet2DConditionModel.from_config(tiny_unet_config())
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+    pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text, tokenizer=tok, unet=unet,
                                    scheduler=DDIMScheduler.from_config(scheduler_config()),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+SDXL_STYLE = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80,
+              "use_linear_projection": True, "transformer_layers_per_block": 2}  # SDXL's conditions and transformer depth
+
+
+def build_tiny_sdxl_pipeline(folder: Path, unet_config: dict | None = None) -> Path:
+    """A StableDiffusionXLPipeline folder in small: two text encoders (the second projected, padding with
+    "!" as SDXL's does), their penultimate layers side by side as the UNet's 64-wide text states, and
+    its pooled 32-wide projection plus six size numbers as the added conditions. `unet_config`: another
+    SDXL-style UNet than the two-stage one."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from pocketdiff.distill.zoo import scheduler_config
+
+    torch.manual_seed(0)
+    tok, text = _tiny_text_parts(folder)
+    tok_2, text_2 = _tiny_text_parts(folder, projection=32)
+    tok_2.pad_token = "!"
+    unet = UNet2DConditionModel.from_config(unet_config or tiny_unet_config(**SDXL_STYLE, cross_attention_dim=64))
+    pipe = StableDiffusionXLPipeline(vae=_tiny_vae(), text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                     tokenizer_2=tok_2, unet=unet, scheduler=DDIMScheduler.from_config(scheduler_config()))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -56,11 +92,16 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-pipeline")
 
 
-def three_stage_config() -> dict:
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline(tmp_path_factory) -> Path:
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+def three_stage_config(**overrides) -> dict:
     """Two layers per stage and a mid block: every BK preset and pruning unit applies."""
-    return tiny_unet_config(block_out_channels=[32, 64, 64], layers_per_block=2,
-                            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    return tiny_unet_config(**{"block_out_channels": [32, 64, 64], "layers_per_block": 2,
+                               "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ def test_the_generator_denoises_as_lcm_scheduler_steps():
     scheduler.set_timesteps(4)
     for t in scheduler.timesteps:
         with torch.no_grad():
-            ours = loss._generate(x, t.view(1), text, cond)
+            ours = loss._generate(x, t.view(1), {"encoder_hidden_states": text}, cond)
             stock = scheduler.step(student(x, t, text, timestep_cond=cond).sample, t, x).denoised
         assert torch.allclose(ours, stock, atol=1e-5), int(t)
 
@@ -67,10 +67,29 @@ def test_teacher_pairs_are_the_stock_pipelines_guided_samples(tiny_pipeline, ima
     assert stock.scheduler.config.timestep_spacing == "trailing"
     for i in range(3):
         with torch.no_grad():
-            text = stock.text_encoder(pairs.ids[i:i + 1])[0]
+            text = stock.text_encoder(pairs.ids["ids"][i:i + 1])[0]
             sample = stock(prompt_embeds=text, latents=pairs.noise[i:i + 1], num_inference_steps=4,
                            guidance_scale=float(pairs.guidance[i]), output_type="latent").images
         assert torch.allclose(sample, pairs.sample[i:i + 1], atol=1e-4), i
+
+
+def test_sdxl_teacher_pairs_are_the_stock_sdxl_pipelines_guided_samples_and_dmd_trains_on_them(
+        tiny_sdxl_pipeline, image_folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    loss, networks, batch, _, pairs = _loss(tiny_sdxl_pipeline, image_folder, regression_pairs=2)
+    assert set(pairs.ids) == {"ids", "ids_2"}  # both encoders' token ids, for the regression's conditions
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_pipeline)
+    for i in range(2):
+        prompt = stock.tokenizer.decode(pairs.ids["ids"][i], skip_special_tokens=True)
+        with torch.no_grad():
+            sample = stock(prompt, latents=pairs.noise[i:i + 1], num_inference_steps=4,
+                           guidance_scale=float(pairs.guidance[i]), output_type="latent").images
+        assert torch.allclose(sample, pairs.sample[i:i + 1], atol=1e-4), i
+    terms = loss({**batch, "step": 0}, torch.Generator().manual_seed(3))
+    terms["loss"].backward()
+    assert all(float(terms[k]) > 0 for k in ("fake", "distribution", "regression"))
+    assert all(net.conv_out.weight.grad is not None for net in networks.values())
 
 
 def test_distribution_term_is_zero_where_fake_and_guided_teacher_agree(tiny_pipeline, image_folder):

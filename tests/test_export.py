@@ -14,7 +14,7 @@ from pocketdiff.apps import modelio
 from pocketdiff.apps.errors import UserError
 from pocketdiff.export.exporter import ExportConfig, export_model
 
-from tests.conftest import CAPTIONS, tiny_unet_config
+from tests.conftest import CAPTIONS, SDXL_STYLE, tiny_unet_config
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,23 @@ def test_generate_from_onnx_export_runs_without_torch(onnx_export, tmp_path):
     assert len(list(tmp_path.glob("*seed*.png"))) == 2 and (tmp_path / "grid.png").exists()
 
 
+def test_image_check_samples_torch_as_the_runtime_does(tiny_pipeline):
+    from diffusers import PNDMScheduler
+
+    from pocketdiff.export.exporter import torch_images
+
+    ddim = modelio.load_pipeline(modelio.open_model(tiny_pipeline))
+    pndm = modelio.load_pipeline(modelio.open_model(tiny_pipeline))
+    pndm.scheduler = PNDMScheduler.from_config(ddim.scheduler.config, skip_prk_steps=True)  # SD-1.5's own sampler
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    own = pndm(["red apple", "rocket"], num_inference_steps=4, output_type="np", latents=torch.from_numpy(latents)).images
+    assert not np.array_equal((np.clip(own, 0, 1) * 255).round().astype(np.uint8),
+                              torch_images(ddim, ["red apple", "rocket"], 4, 7.5, latents))  # PNDM's image differs
+    np.testing.assert_array_equal(torch_images(pndm, ["red apple", "rocket"], 4, 7.5, latents),
+                                  torch_images(ddim, ["red apple", "rocket"], 4, 7.5, latents))
+    assert isinstance(pndm.scheduler, PNDMScheduler)  # the pipeline keeps its own scheduler
+
+
 def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
     result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), "--to", "onnx", "--components", "text_encoder",
                              "--max-abs", "1e-12", "--out", str(tmp_path)], capture_output=True, text=True)
@@ -198,10 +215,6 @@ def test_executorch_int8_unet_keeps_the_image(tiny_pipeline, tmp_path):
     assert unet["rel"] > 1e-4  # quantized for real: far from fp32's 1e-6
     params = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_pipeline / "unet").parameters())
     assert unet["bytes"] < 4 * params  # int8 linears: below the fp32 weights alone
-
-
-SDXL_STYLE = {"addition_embed_type": "text_time", "addition_time_embed_dim": 8, "projection_class_embeddings_input_dim": 80,
-              "use_linear_projection": True, "transformer_layers_per_block": 2}  # SDXL's conditions and transformer depth
 
 
 def _unet_folder(tmp_path, name, **overrides):
@@ -392,15 +405,77 @@ def test_coreml_unet_ships_in_two_chunks_swift_runs_in_turn(tmp_path):
         coreml._parts(component, "int8", None, chunked=False, attention="split_einsum")
 
 
-def test_sdxl_pipeline_is_refused_clearly():
+@pytest.fixture(scope="module")
+def sdxl_export(tiny_sdxl_pipeline, tmp_path_factory):
+    """A tiny SDXL pipeline and its ONNX export (every component, both text encoders)."""
+    folder = tiny_sdxl_pipeline
+    out = tmp_path_factory.mktemp("export-sdxl")
+    report = export_model(modelio.open_model(folder), ExportConfig(to=["onnx"], workers=2), out, log=lambda _: None)["onnx"]
+    return folder, out / "onnx", report
+
+
+def test_sdxl_pipeline_exports_to_onnx_in_optimums_layout(sdxl_export):
+    import onnx
+
+    _, out, report = sdxl_export
+    contract = {  # optimum's SDXL exports: every hidden state from both encoders, the UNet's added conditions
+        "text_encoder": (["input_ids"], ["last_hidden_state", "pooler_output", "hidden_states.0", "hidden_states.1"]),
+        "text_encoder_2": (["input_ids"], ["text_embeds", "last_hidden_state", "hidden_states.0", "hidden_states.1"]),
+        "unet": (["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"], ["out_sample"]),
+    }
+    for name, (inputs, outputs) in contract.items():
+        model = onnx.load(str(out / name / "model.onnx"))
+        assert ([i.name for i in model.graph.input], [o.name for o in model.graph.output]) == (inputs, outputs), name
+        assert (out / name / "config.json").exists()
+    assert (out / "tokenizer_2" / "vocab.json").exists() and (out / "tokenizer_2" / "merges.txt").exists()
+    assert report["ok"] and report["image_psnr"] >= 40 and report["components"]["text_encoder_2"]["max_abs"] < 1e-4
+
+
+def test_sdxl_runtime_conditions_the_unet_as_diffusers_does(sdxl_export):
+    from pocketdiff.export.runtime import ExportedPipeline
+
+    folder, out, _ = sdxl_export
+    pipe, ours = modelio.load_pipeline(modelio.open_model(folder)), ExportedPipeline(out, "onnx")
+    for prompt in ("red apple", "grinning face with a rocket"):
+        with torch.no_grad():
+            embeds, negative, pooled, negative_pooled = pipe.encode_prompt(prompt, do_classifier_free_guidance=True)
+        cond = ours.conditions(prompt)
+        np.testing.assert_allclose(cond["encoder_hidden_states"], embeds.numpy(), atol=1e-5)  # both penultimate layers
+        np.testing.assert_allclose(cond["text_embeds"], pooled.numpy(), atol=1e-5)  # the second encoder's projection
+        unconditional = ours.negative_conditions(cond)
+        assert not negative.any() and not negative_pooled.any()  # force_zeros_for_empty_prompt
+        assert not unconditional["encoder_hidden_states"].any() and not unconditional["text_embeds"].any()
+    expected = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=32)
+    np.testing.assert_array_equal(cond["time_ids"], expected.numpy())
+
+
+def test_sdxl_unet_export_without_its_second_encoder_is_refused(sdxl_export, tmp_path):
+    import shutil
+
+    from pocketdiff.export.runtime import ExportedPipeline
+
+    partial = tmp_path / "partial"
+    shutil.copytree(sdxl_export[1], partial, ignore=shutil.ignore_patterns("text_encoder_2"))
+    with pytest.raises(UserError, match="also takes text_embeds, time_ids .*needs text_encoder_2"):
+        ExportedPipeline(partial, "onnx")
+
+
+def test_coreml_sdxl_text_encoders_follow_swifts_xl_contract(sdxl_export, tmp_path):
+    from pocketdiff.export import coreml
     from pocketdiff.export.components import model_components
 
-    class FakePipe:
-        text_encoder_2 = object()
-
-    ref = modelio.ModelRef(modelio.DEFAULT_MODEL, "pipeline", "StableDiffusionXLPipeline", False)
-    with pytest.raises(UserError, match="SDXL UNet folder on its own"):
-        model_components(ref, FakePipe())
+    folder = sdxl_export[0]
+    config = ExportConfig(to=["coreml"], components=["text_encoder"])
+    report = export_model(modelio.open_model(folder), config, tmp_path, log=lambda _: None)["coreml"]["components"]
+    assert list(report) == ["text_encoder", "text_encoder_2"]
+    for entry in report.values():
+        assert entry["inputs"] == {"input_ids": [1, 77]} and entry["outputs"] == ["hidden_embeds", "pooled_outputs"]
+    assert (tmp_path / "coreml" / "Resources" / "TextEncoder2.mlpackage").is_dir()
+    ref = modelio.open_model(folder)
+    pipe = modelio.load_pipeline(ref)
+    (decoder,) = model_components(ref, pipe, ("vae_decoder",))
+    # Swift apps scale an XL pipeline's latents by 0.13025: the package undoes that, then the VAE's own scale
+    assert coreml.adapt(decoder, pipe, ref).module.rescale == pytest.approx(0.13025 / pipe.vae.config.scaling_factor)
 
 
 @pytest.mark.parametrize("backend, message", [("tpu", "unknown ExecuTorch backend 'tpu'"),

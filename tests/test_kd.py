@@ -14,8 +14,9 @@ from pocketdiff.apps.errors import UserError
 from pocketdiff.compress.blocks import preset_plan, remove_blocks
 from pocketdiff.compress.prune import prune_preset
 from pocketdiff.distill import kd, latents
+from pocketdiff.distill.conditions import TextConditions, caption_ids
 from pocketdiff.distill.kd import KDConfig, distill_kd, resolve_teacher
-from tests.conftest import three_stage_config
+from tests.conftest import SDXL_STYLE, build_tiny_sdxl_pipeline, three_stage_config
 
 
 @pytest.fixture(autouse=True)
@@ -39,12 +40,11 @@ def _config(image_folder, **kw):
 def _output_error(teacher_folder, student_unet) -> float:
     """Relative squared error of the student's prediction against the teacher's, on text-conditioned noise."""
     pipe = modelio.load_pipeline(modelio.open_model(teacher_folder))
-    ids = pipe.tokenizer(["red apple", "rocket", "dog face", ""] * 2, padding="max_length",
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = caption_ids(pipe, ["red apple", "rocket", "dog face", ""] * 2)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
         inputs = {"sample": torch.randn(8, 4, 8, 8, generator=generator), "timestep": torch.linspace(50, 950, 8),
-                  "encoder_hidden_states": pipe.text_encoder(ids)[0]}
+                  **TextConditions(pipe)(ids)}
         target, pred = pipe.unet(**inputs).sample, student_unet.eval()(**inputs).sample
     return float((pred - target).pow(2).mean() / target.pow(2).mean())
 
@@ -200,3 +200,46 @@ def test_cli_takes_the_teacher_from_the_prune_report_and_refuses_a_foreign_check
     assert isinstance(result.exception, UserError) and "other inputs or settings" in str(result.exception)
     result = CliRunner().invoke(app, [*args, "--features", "everything"])
     assert isinstance(result.exception, UserError) and str(result.exception).startswith("distill kd: features:")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory):
+    """A three-stage tiny SDXL pipeline and its bk-small student."""
+    root = tmp_path_factory.mktemp("kd-sdxl")
+    teacher = build_tiny_sdxl_pipeline(root / "teacher", three_stage_config(**SDXL_STYLE, cross_attention_dim=64))
+    prune_preset(modelio.open_model(teacher), "bk-small", root / "bk-small")
+    return teacher, root / "bk-small"
+
+
+def test_text_conditions_are_what_the_sdxl_pipeline_feeds_its_unet(sdxl_pair):
+    pipe = modelio.load_pipeline(modelio.open_model(sdxl_pair[0]))
+    captions = ["red apple", "grinning face", "rocket"]
+    conditions, ids = TextConditions(pipe), caption_ids(pipe, captions)
+    assert set(ids) == {"ids", "ids_2"} and ids["ids_2"][0, -1] == pipe.tokenizer_2.convert_tokens_to_ids("!")
+    with torch.no_grad():
+        got = conditions(ids)
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+        dropped = conditions(ids, drop=torch.tensor([True, False, True]))
+    torch.testing.assert_close(got["encoder_hidden_states"], embeds)  # both encoders' penultimate layers
+    torch.testing.assert_close(got["added_cond_kwargs"]["text_embeds"], pooled)
+    time_ids = pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), torch.float32, text_encoder_projection_dim=32)
+    torch.testing.assert_close(got["added_cond_kwargs"]["time_ids"], time_ids.repeat(3, 1))
+    # a dropped caption is SDXL's unconditional input: zeros (force_zeros_for_empty_prompt), the rest untouched
+    assert not dropped["encoder_hidden_states"][[0, 2]].any() and not dropped["added_cond_kwargs"]["text_embeds"][2].any()
+    torch.testing.assert_close(dropped["encoder_hidden_states"][1], got["encoder_hidden_states"][1])
+
+
+def test_kd_distils_an_sdxl_student_and_saves_a_stock_sdxl_pipeline(sdxl_pair, image_folder, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    teacher, student = sdxl_pair
+    before = _output_error(teacher, modelio.load_unet(modelio.open_model(student)))
+    report = distill_kd(modelio.open_model(teacher), modelio.open_model(student),
+                        _config(image_folder, steps=30, task_weight=0.0), tmp_path / "kd")
+    rows = list(csv.DictReader((tmp_path / "kd" / "log.csv").open()))
+    assert len(report["pairs"]) == 6 and report["dropped_pairs"] == []
+    assert np.mean([float(r["loss"]) for r in rows[-5:]]) < np.mean([float(r["loss"]) for r in rows[:5]])
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "kd")
+    assert _output_error(teacher, pipe.unet) < 0.5 * before
+    image = pipe("red apple", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()

@@ -96,7 +96,7 @@ def test_progressive_target_lands_where_the_teacher_two_steps_land():
     class Teacher:  # a fixed nonlinear "UNet" stands in: the algebra, not the network, is under test
         config = {}
 
-        def __call__(self, x, t, text):
+        def __call__(self, x, t, encoder_hidden_states):
             return type("O", (), {"sample": torch.tanh(x * 0.7 + t.view(-1, 1, 1, 1) / 1000)})()
 
     loss = steps.ProgressiveLoss.__new__(steps.ProgressiveLoss)
@@ -104,7 +104,7 @@ def test_progressive_target_lands_where_the_teacher_two_steps_land():
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
     guided = steps.GuidedTeacher(Teacher(), "epsilon")
     a, a_mid, a_end = loss._alpha(t), loss._alpha(t - 250), loss._alpha(t - 500)
-    text = torch.zeros(2, 77, 32)
+    text = {"encoder_hidden_states": torch.zeros(2, 77, 32)}
     x_mid = steps.ddim_to(*guided(x, t, a, text, text, torch.ones(2)), a_mid)
     x_end = steps.ddim_to(*guided(x_mid, t - 250, a_mid, text, text, torch.ones(2)), a_end)
     ratio = ((1 - a_end) / (1 - a)).sqrt().view(-1, 1, 1, 1)
@@ -123,7 +123,8 @@ def test_guided_teacher_is_classifier_free_guidance():
     unet = UNet2DConditionModel.from_config(tiny_unet_config()).eval()
     x, t, a = torch.randn(2, 4, 8, 8), torch.tensor([700, 300]), torch.tensor([0.2, 0.6])
     text, empty, g = torch.randn(2, 77, 32), torch.randn(2, 77, 32), torch.tensor([7.5, 3.0])
-    _, eps = steps.GuidedTeacher(unet, "epsilon")(x, t, a, text, empty, g)
+    _, eps = steps.GuidedTeacher(unet, "epsilon")(x, t, a, {"encoder_hidden_states": text},
+                                                  {"encoder_hidden_states": empty}, g)
     with torch.no_grad():
         cond, uncond = unet(x, t, text).sample, unet(x, t, empty).sample
     assert torch.allclose(eps, uncond + g.view(-1, 1, 1, 1) * (cond - uncond), atol=1e-4)  # batched vs apart
@@ -151,6 +152,21 @@ def test_lcm_trains_and_stock_diffusers_samples_it_with_one_unet_call_per_step(l
     same = lcm_pipe("red apple", num_inference_steps=2, guidance_scale=7.5, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
     assert np.allclose(image, same, atol=1e-5)
+
+
+def test_lcm_distils_an_sdxl_pipeline_that_stock_diffusers_samples_in_one_call_per_step(
+        tiny_sdxl_pipeline, image_folder, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    distill_steps(modelio.open_model(tiny_sdxl_pipeline), _config(image_folder, steps=30), tmp_path / "lcm")
+    losses = [float(line.split(",")[3]) for line in (tmp_path / "lcm" / "log.csv").read_text().splitlines()[1:]]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]), losses
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "lcm")
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.unet.config.time_cond_proj_dim
+    calls = _unet_calls(pipe)
+    image = pipe("red apple", num_inference_steps=2, guidance_scale=7.5, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert calls == [1, 1] and np.isfinite(image).all()  # guidance inside: no unconditional half
 
 
 def test_progressive_rounds_halve_the_steps_and_the_last_student_samples_in_one_call(

@@ -55,8 +55,9 @@ def build_tiny_pipeline(folder: Path) -> Path:
 
     torch.manual_seed(0)
     tok, text = _tiny_text_parts(folder)
+    vae = _tiny_vae()  # before the UNet: the seeded draws, hence every test's weights, stay as they were
     unet = UNet2DConditionModel.from_config(tiny_unet_config())
-    pipe = StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text, tokenizer=tok, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
                                    scheduler=DDIMScheduler.from_config(scheduler_config()),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)

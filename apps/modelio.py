@@ -181,6 +181,11 @@ def _random_components(path: Path) -> dict:
     return built
 
 
+def is_sdxl(pipe) -> bool:
+    """An SDXL-style pipeline: a second (projected) text encoder, whose pooling and the image size feed the UNet."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
 def vae_scale_factor(ref: ModelRef) -> int:
     """Pixels per latent cell: from the pipeline's VAE, or SD's 8 for a bare UNet."""
     vae_config = ref.path / "vae" / "config.json"

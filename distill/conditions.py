@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..apps.modelio import is_sdxl
+
 ID_KEYS = ("ids", "ids_2")  # the batch keys of each text encoder's token ids
 
 
@@ -31,9 +33,14 @@ def token_ids(tokenizer, captions: list[str]) -> torch.Tensor:
 def text_parts(pipe) -> list[tuple]:
     """(tokenizer, text encoder) of each text encoder the pipeline conditions on."""
     parts = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    if is_sdxl(pipe):
         parts.append((pipe.tokenizer_2, pipe.text_encoder_2))
     return parts
+
+
+def frozen_teacher(pipe) -> list[torch.nn.Module]:
+    """The teacher modules a training run calls but never trains: the UNet and the text encoder(s)."""
+    return [pipe.unet, *(encoder for _, encoder in text_parts(pipe))]
 
 
 def caption_ids(pipe, captions: list[str]) -> dict[str, torch.Tensor]:

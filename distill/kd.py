@@ -26,7 +26,7 @@ from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data
-from .conditions import TextConditions, text_parts
+from .conditions import TextConditions, frozen_teacher
 from .trainer import RunSettings, Trainer, last_logged
 
 _STRUCTURE = ("down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "mid_block_type",
@@ -155,7 +155,7 @@ def _check_pair(pipe, student_config_: dict) -> None:
         raise UserError("KD feeds the UNet text conditions; this teacher also takes a guidance embedding "
                         "(time_cond_proj_dim), which KD does not build")
     if teacher_config.get("addition_embed_type") and not (teacher_config["addition_embed_type"] == "text_time"
-                                                           and getattr(pipe, "text_encoder_2", None) is not None):
+                                                           and modelio.is_sdxl(pipe)):
         raise UserError(f"KD builds SDXL's added conditions from an SDXL pipeline's two text encoders; this teacher "
                         f"takes addition_embed_type {teacher_config['addition_embed_type']!r} without them")
     for key in ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type"):
@@ -235,8 +235,7 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
     pipe = modelio.load_pipeline(teacher_ref)
     student = modelio.load_unet(student_ref)
     _check_pair(pipe, dict(student.config))
-    encoders = [encoder for _, encoder in text_parts(pipe)]
-    for frozen in (pipe.unet, *encoders):
+    for frozen in frozen_teacher(pipe):
         frozen.eval().requires_grad_(False)
     pairs, dropped = choose_pairs(pipe.unet, student, config.features, student_ref.path)
     log(f"feature KD ({config.features}): {len(pairs)} pairs" + (f", {len(dropped)} dropped for shape" if dropped else ""))
@@ -252,7 +251,7 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
                 "config": config.model_dump()}
     trainer = Trainer(student, loss, batch_for, train_config, out, "kd", identity)
     resumed_at = trainer.step
-    for frozen in (pipe.unet, *encoders):
+    for frozen in frozen_teacher(pipe):
         frozen.to(trainer.accelerator.device)
     try:
         trainer.run()

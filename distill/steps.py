@@ -39,7 +39,7 @@ from ..apps import modelio
 from ..apps.errors import UserError
 from ..apps.runner import hash_model_folder
 from . import latents as latent_data
-from .conditions import TextConditions, map_conditions, text_parts
+from .conditions import TextConditions, frozen_teacher, map_conditions
 from .trainer import RunSettings, Trainer, last_logged
 
 GUIDANCE_DIM = 256  # diffusers' LCM students use 256 (`time_cond_proj_dim`)
@@ -313,7 +313,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
     if bad:
         raise UserError(f"{bad[0]} steps do not divide the {len(alphas)} training timesteps: the student's grid would "
                         "not be the one diffusers samples (choose step counts that divide it)")
-    for frozen in (pipe.unet, *[encoder for _, encoder in text_parts(pipe)]):
+    for frozen in frozen_teacher(pipe):
         frozen.eval().requires_grad_(False)
 
     latents, batch_for = latent_data.training_batches(pipe, model_ref, config, config.seed, config.batch)
@@ -368,7 +368,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
 def _run(trainer: Trainer, pipe, folder: Path, student_steps: int) -> dict:
     """Train with the frozen teacher parts on the trainer's device; the round's figures."""
     resumed_at = trainer.step
-    for frozen in (pipe.unet, *[encoder for _, encoder in text_parts(pipe)]):
+    for frozen in frozen_teacher(pipe):
         frozen.to(trainer.accelerator.device)
     began = time.perf_counter()
     trainer.run()

@@ -47,27 +47,22 @@ class TextEncoder(torch.nn.Module):
     def __init__(self, text_encoder, hidden_states: bool = False):
         super().__init__()
         self.text_encoder, self.hidden_states = text_encoder, hidden_states
+        pooled = ["text_embeds", "last_hidden_state"] if hasattr(text_encoder, "text_projection") else [
+            "last_hidden_state", "pooler_output"]
+        layers = range(text_encoder.config.num_hidden_layers + 1) if hidden_states else ()
+        self.outputs = pooled + [f"hidden_states.{i}" for i in layers]  # the names of what forward returns, in order
 
     def forward(self, input_ids):
         out = self.text_encoder(input_ids, output_hidden_states=self.hidden_states)
-        first = (out.text_embeds, out.last_hidden_state) if hasattr(out, "text_embeds") else (
-            out.last_hidden_state, out.pooler_output)
-        return first + (tuple(out.hidden_states) if self.hidden_states else ())
-
-
-def text_encoder_outputs(text_encoder, hidden_states: bool) -> list[str]:
-    """The output names `TextEncoder(text_encoder, hidden_states)` returns, in order."""
-    first = (["text_embeds", "last_hidden_state"] if hasattr(text_encoder, "text_projection")
-             else ["last_hidden_state", "pooler_output"])
-    layers = text_encoder.config.num_hidden_layers
-    return first + ([f"hidden_states.{i}" for i in range(layers + 1)] if hidden_states else [])
+        return tuple(getattr(out, name) for name in self.outputs[:2]) + (
+            tuple(out.hidden_states) if self.hidden_states else ())
 
 
 def pipeline_component_names(pipe, asked: list[str]) -> list[str]:
     """The components to export: as asked, with SDXL's second text encoder beside its first (an SDXL
     pipeline's "text_encoder" is both encoders, which the runtime needs together)."""
     names = list(asked)
-    if getattr(pipe, "text_encoder_2", None) is not None and "text_encoder" in names:
+    if modelio.is_sdxl(pipe) and "text_encoder" in names:
         names.insert(names.index("text_encoder") + 1, "text_encoder_2")
     return names
 
@@ -141,7 +136,7 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
     latent_size = latent_size or modelio.unet_config(ref)["sample_size"]
     if ref.kind == "unet":
         return [unet_component(modelio.load_unet(ref), latent_size)]
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    sdxl = modelio.is_sdxl(pipe)
     def seeded():  # a generator per component: its inputs do not depend on which others are built
         return torch.Generator().manual_seed(EXAMPLE_SEED)
 
@@ -150,9 +145,10 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
 
     def text(name: str) -> Component:
         encoder = getattr(pipe, name)
-        return Component(name, TextEncoder(encoder, sdxl).eval(),
+        wrapper = TextEncoder(encoder, sdxl).eval()
+        return Component(name, wrapper,
                          {"input_ids": torch.randint(0, encoder.config.vocab_size, (1, tokens), generator=seeded())},
-                         text_encoder_outputs(encoder, sdxl), {"input_ids": {0: "batch_size"}}, name)
+                         wrapper.outputs, {"input_ids": {0: "batch_size"}}, name)
 
     made = {
         "text_encoder": lambda: text("text_encoder"),

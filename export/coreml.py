@@ -141,7 +141,7 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | N
     which Swift runs unguided at batch one) or `unet_batch` says otherwise.
     """
     inputs = component.inputs
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    sdxl = modelio.is_sdxl(pipe)
     if component.name.startswith("text_encoder"):
         return Component(component.name, TextEncoder(getattr(pipe, component.name), sdxl).eval(),
                          {"input_ids": inputs["input_ids"].float()},

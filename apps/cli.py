@@ -496,7 +496,7 @@ def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder g
 def profile_(target: Annotated[Path, typer.Argument(help="An export folder (or one exported file); a model folder for --backend torch.")],
              backend: Annotated[str, typer.Option(help="onnxruntime, executorch, coreml (macOS) or torch.")] = "onnxruntime",
              device: Annotated[str, typer.Option(help="Device profile: host-cpu, host-gpu, or a phone (over adb / a Mac).")] = "host-cpu",
-             components: Annotated[str, typer.Option(help="Comma-separated: text_encoder, unet, vae_encoder, vae_decoder.")] = "unet",
+             components: Annotated[str, typer.Option(help="Comma-separated: text_encoder, text_encoder_2 (SDXL), unet, vae_encoder, vae_decoder.")] = "unet",
              runs: int = 20, warmup: int = 3,
              batch: Annotated[Optional[int], typer.Option(help="Batch per call (default: what the pipeline feeds).")] = None,
              threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the runtime's).")] = None,

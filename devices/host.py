@@ -100,7 +100,7 @@ def _size(path: Path) -> int:
 def spatial_size(folder: Path, component: str) -> int:
     """The height and width a component's spatial inputs take, from the config.json beside it."""
     config = json.loads((folder / "config.json").read_text())
-    if component == "text_encoder":
+    if component.startswith("text_encoder"):
         return 0  # no spatial inputs
     if component == "unet":
         return config["sample_size"]

@@ -108,8 +108,18 @@ def count(module: torch.nn.Module, run, component: str, input_shape: tuple) -> C
     return census
 
 
+def text_encoder_from_config(config_folder) -> torch.nn.Module:
+    """A text encoder of the class its config.json names, on the current device (meta, for counting):
+    SDXL's second encoder is a `CLIPTextModelWithProjection`, whose projection `AutoModel` leaves out."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(config_folder)
+    named = getattr(transformers, (config.architectures or [""])[0], None)
+    return named(config) if named is not None else transformers.AutoModel.from_config(config)
+
+
 def census_model(ref, resolution: int | None = None, unet_only: bool = False) -> list[Census]:
-    """Counts for each network of a model folder (UNet; text encoder and VAE halves for a pipeline)."""
+    """Counts for each network of a model folder (UNet; text encoders and VAE halves for a pipeline)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from ..apps import modelio
@@ -127,14 +137,10 @@ def census_model(ref, resolution: int | None = None, unet_only: bool = False) ->
         censuses.append(count(unet, lambda m: m(**inputs), "unet", tuple(inputs["sample"].shape)))
         if unet_only or ref.kind != "pipeline":
             return censuses
-        text_config = ref.path / "text_encoder" / "config.json"
-        if text_config.exists():
-            import transformers
-
-            config_class = transformers.AutoConfig.from_pretrained(text_config.parent)
-            text = transformers.AutoModel.from_config(config_class)
-            ids = torch.zeros(1, 77, dtype=torch.long)
-            censuses.append(count(text, lambda m: m(ids), "text_encoder", (1, 77)))
+        for name in ("text_encoder", "text_encoder_2"):
+            if (ref.path / name / "config.json").exists():
+                ids = torch.zeros(1, 77, dtype=torch.long)
+                censuses.append(count(text_encoder_from_config(ref.path / name), lambda m: m(ids), name, (1, 77)))
         if (ref.path / "vae" / "config.json").exists():
             vae = AutoencoderKL.from_config(modelio._read_json(ref.path / "vae" / "config.json"))
             z = torch.randn(1, vae.config.latent_channels, latent, latent)

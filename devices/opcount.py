@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .macs import block_name
+from .macs import block_name, text_encoder_from_config
 
 # Not views by schema, but no runtime moves data for them (a reshape result, autograd plumbing).
 _FREE = (torch.ops.aten._unsafe_view, torch.ops.aten.detach, torch.ops.aten.lift_fresh)
@@ -143,12 +143,9 @@ def component_ops(config_folder: Path, component: str, shapes: dict[str, list[in
         sample = shapes["sample"]
         return unet_ops(config, sample[2], sample[0])
     with torch.device("meta"):
-        if component == "text_encoder":
-            import transformers
-
-            model = transformers.AutoModel.from_config(transformers.AutoConfig.from_pretrained(config_folder))
+        if component.startswith("text_encoder"):
             ids = torch.zeros(shapes["input_ids"], dtype=torch.long)
-            return record_ops(model, lambda m: m(ids))
+            return record_ops(text_encoder_from_config(config_folder), lambda m: m(ids))
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_config(config)

@@ -28,7 +28,7 @@ class ProfileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     backend: Literal["onnxruntime", "executorch", "coreml", "torch"] = "onnxruntime"
     device: str = "host-cpu"
-    components: list[Literal["text_encoder", "unet", "vae_encoder", "vae_decoder"]] = Field(
+    components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]] = Field(
         default_factory=lambda: ["unet"], min_length=1)
     runs: int = Field(20, ge=1)
     warmup: int = Field(3, ge=0)
@@ -61,7 +61,7 @@ def component_file(target: Path, backend: str, component: str) -> Path:
 def _config_folder(target: Path, file: Path, backend: str, component: str) -> Path:
     if backend != "torch":
         return file.parent
-    sub = {"unet": "unet", "text_encoder": "text_encoder"}.get(component, "vae")
+    sub = component if component in ("unet", "text_encoder", "text_encoder_2") else "vae"
     return target / sub if (target / sub / "config.json").exists() else target
 
 

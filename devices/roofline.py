@@ -116,7 +116,7 @@ def model_shapes(ref, component: str, batch: int | None = None, latent: int | No
     """The config folder and input shapes of one call of `component` of a model folder, as its pipeline calls it."""
     from ..apps import modelio
 
-    known = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+    known = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     if component not in known:
         raise UserError(f"unknown component {component!r} (known: {', '.join(known)})")
     unet = modelio.unet_config(ref)
@@ -126,8 +126,10 @@ def model_shapes(ref, component: str, batch: int | None = None, latent: int | No
         return ref.unet_path, {"sample": [batch, unet["in_channels"], latent, latent]}
     if ref.kind != "pipeline":
         raise UserError(f"{ref.path}: a bare UNet folder has no {component}")
-    if component == "text_encoder":
-        return ref.path / "text_encoder", {"input_ids": [1, 77]}
+    if component.startswith("text_encoder"):
+        if not (ref.path / component / "config.json").exists():
+            raise UserError(f"{ref.path}: no {component} (only SDXL pipelines have text_encoder_2)")
+        return ref.path / component, {"input_ids": [1, 77]}
     vae = json.loads((ref.path / "vae" / "config.json").read_text())
     factor = modelio.vae_scale_factor(ref)
     if component == "vae_decoder":

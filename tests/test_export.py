@@ -478,6 +478,29 @@ def test_coreml_sdxl_text_encoders_follow_swifts_xl_contract(sdxl_export, tmp_pa
     assert coreml.adapt(decoder, pipe, ref).module.rescale == pytest.approx(0.13025 / pipe.vae.config.scaling_factor)
 
 
+def test_sdxl_second_text_encoder_is_profiled_counted_and_estimated(sdxl_export, tiny_pipeline):
+    from pocketdiff.devices.macs import census_model
+    from pocketdiff.devices.profile import ProfileConfig, profile
+    from pocketdiff.devices.profiles import load_profile
+    from pocketdiff.devices.roofline import estimate_model
+
+    folder, out, _ = sdxl_export
+    ref = modelio.open_model(folder)
+    config = ProfileConfig(components=["text_encoder", "text_encoder_2"], runs=2, warmup=1)
+    first, second = profile(out, config, log=lambda _: None)["measurements"]
+    assert second["component"] == "text_encoder_2" and second["inputs"] == {"input_ids": [1, 77]}
+    # the two encoders are alike but for the second's projection of its pooled state, which is counted: the
+    # encoder is built as its config's class (CLIPTextModelWithProjection), not AutoModel's CLIPTextModel
+    encoder_2 = json.loads((folder / "text_encoder_2" / "config.json").read_text())
+    projection = encoder_2["hidden_size"] * encoder_2["projection_dim"]
+    census = {c.component: c for c in census_model(ref)}
+    assert census["text_encoder_2"].macs - census["text_encoder"].macs == projection
+    assert (second["roofline"]["gflop"] - first["roofline"]["gflop"]) * 1e9 == pytest.approx(2 * projection)
+    assert estimate_model(ref, load_profile("galaxy-s24"), ["text_encoder_2"])["text_encoder_2"].flops > 0
+    with pytest.raises(UserError, match="no text_encoder_2"):
+        estimate_model(modelio.open_model(tiny_pipeline), load_profile("galaxy-s24"), ["text_encoder_2"])
+
+
 @pytest.mark.parametrize("backend, message", [("tpu", "unknown ExecuTorch backend 'tpu'"),
                                               ("qnn", "needs a Qualcomm SoC compile spec")])
 def test_executorch_backends_refuse_clearly(backend, message):

@@ -434,6 +434,8 @@ def quantize(model: ModelArg,
              feature_weight: Annotated[float, typer.Option(
                  help="QAT: weight of the normalised stage-output KD terms beside the output term; 0: output only.")] = 0.0,
              layers: Annotated[str, typer.Option(help="conv+linear or linear.")] = "conv+linear",
+             attention: Annotated[bool, typer.Option(
+                 help="Also int8 the attention matmuls' operands (QKᵀ, AV): onnx-int8, coreml-w8a8.")] = False,
              keep: Annotated[str, typer.Option(help="Comma-separated UNet modules kept fp32.")] = "conv_in,conv_out,time_embedding",
              keep_sensitive: Annotated[int, typer.Option(
                  help="Also keep fp32 the N layers quantization hurts most (measured one by one).")] = 0,
@@ -448,6 +450,7 @@ def quantize(model: ModelArg,
 
     try:
         config = QuantizeConfig(backend=backend, qat_steps=qat_steps, feature_weight=feature_weight, layers=layers,
+                                attention=attention,
                                 keep=[k for k in keep.split(",") if k], keep_sensitive=keep_sensitive, batch=batch, lr=lr, prompts=prompts,
                                 sampling_steps=sampling_steps, guidance=guidance, checkpoint_every=checkpoint_every,
                                 seed=seed)

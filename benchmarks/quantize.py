@@ -4,12 +4,13 @@
                                   [--backend xnnpack|onnx-int8|coreml-w8a8|coreml-palette4|coreml-palette6|brevitas-w4a8]
                                   [--sample-steps 1]
                                   [--qat-steps 600] [--lr 1e-5] [--feature-weight W] [--prompts 256]
-                                  [--calibration-prompts 256]
+                                  [--calibration-prompts 256] [--attention]
                                   [--work quantize-bench] [--json F]
 
 Rows: the fp32 model; for ExecuTorch, post-training int8 of the linear layers alone (what `export
 --precision int8` does to a float model); post-training int8 of convolutions and linears; the same
-after QAT (palettes: post-training tables, then trained tables). Each quantized model is the one
+after QAT (palettes: post-training tables, then trained tables); with `--attention` (onnx-int8,
+coreml-w8a8), post-training int8 with the attention matmuls' operands too. Each quantized model is the one
 `pocketdiff quantize --backend B` writes, judged through its int8 graph (torch's reference int8
 ops; a palette is its float weights) on the same validation prompts and seeds: prompt score ↑ (and
 as a share of fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to the backend's
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--calibration-prompts", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--attention", action="store_true", help="add a post-training row with int8 attention matmuls")
     parser.add_argument("--work", default="quantize-bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -72,9 +74,11 @@ def main() -> None:
     }
     if fmt != "executorch":
         del variants[f"PTQ {kind}, linear"]  # the row stands for ExecuTorch's own post-training int8 of a float model
+    if args.attention:
+        variants[f"PTQ {kind}, conv+linear+attention"] = QuantizeConfig(attention=True, **common)
     rows = {"fp32": {"folder": model.path}}
     for name, config in variants.items():
-        folder = work / args.backend / f"{name.split()[0].lower()}-{config.layers.replace('+', '-')}"
+        folder = work / args.backend / f"{name.split()[0].lower()}-{name.split(', ')[1].replace('+', '-')}"
         began = time.perf_counter()
         report = (json.loads((folder / "quantize_report.json").read_text()) if (folder / "quantize_report.json").exists()
                   else quantize(model, config, folder, log=print))

@@ -28,6 +28,15 @@ SCHEMES = {"xnnpack": {"weight_qmin": -127, "weight_qmax": 127, "activations": "
            "coreml-w8a8": {"weight_qmin": -127, "weight_qmax": 127, "activations": "symmetric"}}
 OPS = {"linear": (torch.ops.aten.linear.default,),
        "conv+linear": (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)}
+# Attention's two batched matmuls as diffusers' classic processor traces them, and their operands'
+# positions: QKᵀ is baddbmm(empty, Q, Kᵀ, beta=0, alpha=scale), AV is bmm(softmax, V). Q, K and V
+# come out of quantized linears, whose output observers already make them int8 (reshapes share
+# them); annotating the matmuls adds the one float operand left, the softmax's probabilities.
+ATTENTION_MATMULS = {torch.ops.aten.baddbmm.default: (1, 2), torch.ops.aten.bmm.default: (0, 1)}
+# Runtimes whose int8 kernels take both operands of a matmul from activations: onnxruntime fuses
+# DQ, DQ → MatMul into MatMulIntegerToFloat; Core ML takes int8 activations into any op. XNNPACK's
+# partitioner delegates bmm in fp32 only, so int8 operands would be dequantized again on the CPU.
+ATTENTION_SCHEMES = ("onnx-int8", "coreml-w8a8")
 
 
 def _module_paths(node) -> list[str]:
@@ -85,18 +94,46 @@ class GraphTaps:
         self.graph.recompile()
 
 
-def describe(scheme: str) -> str:
+def describe(scheme: str, attention: bool = False) -> str:
     chosen = SCHEMES[scheme]
     return (f"int8: per-channel symmetric weights in ±{chosen['weight_qmax']}, "
-            f"per-tensor {chosen['activations']} activations")
+            f"per-tensor {chosen['activations']} activations" + ("; attention matmuls' operands int8" if attention else ""))
 
 
-def quantizer(layers: str, keep: list[str], qat: bool, scheme: str, root: str = "unet"):
-    """ExecuTorch's XNNPACK quantizer as a plain annotator: its patterns fit any QDQ runtime; the ranges are the scheme's."""
+def _in_attention(node) -> bool:
+    return any(kind is not None and getattr(kind, "__name__", str(kind)).endswith("Attention")
+               for _, kind in (node.meta.get("nn_module_stack") or {}).values())
+
+
+def attention_matmuls(spec, wanted):
+    """A torchao PT2E quantizer (composed after XNNPACK's) that annotates both operands of attention's matmuls
+    (QKᵀ and AV) with the activation spec `spec`, where `wanted(node)`; their outputs stay float, since
+    QKᵀ goes on to softmax."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
+
+    class AttentionMatmuls(Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for node in model.graph.nodes:
+                operands = ATTENTION_MATMULS.get(node.target) if node.op == "call_function" else None
+                if operands and _in_attention(node) and wanted(node):
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[i]: spec for i in operands}, _annotated=True)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            pass
+
+    return AttentionMatmuls()
+
+
+def quantizer(layers: str, keep: list[str], qat: bool, scheme: str, root: str = "unet", attention: bool = False):
+    """ExecuTorch's XNNPACK quantizer as a plain annotator: its patterns fit any QDQ runtime; the ranges are the
+    scheme's. `attention`: the attention matmuls' operands too (`ATTENTION_SCHEMES` only)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+    from torchao.quantization.pt2e.quantizer import ComposableQuantizer
 
     chosen_scheme = SCHEMES[scheme]
     config = get_symmetric_quantization_config(is_per_channel=True, is_qat=qat, weight_qmin=chosen_scheme["weight_qmin"],
@@ -107,11 +144,14 @@ def quantizer(layers: str, keep: list[str], qat: bool, scheme: str, root: str = 
     chosen = XNNPACKQuantizer()
     for op in OPS[layers]:
         chosen.set_operator_type(op, config)
-    return chosen.set_filter_function(_outside(keep, root))
+    chosen.set_filter_function(_outside(keep, root))
+    if not attention:
+        return chosen
+    return ComposableQuantizer([chosen, attention_matmuls(config.input_activation, _outside(keep, root))])
 
 
 def prepare(module: torch.nn.Module, args: tuple, layers: str, keep: list[str], qat: bool,
-            scheme: str) -> torch.fx.GraphModule:
+            scheme: str, attention: bool = False) -> torch.fx.GraphModule:
     """`module` exported at `args`' shapes with observers (or fake-quantizers, for QAT) on the chosen layers."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -119,7 +159,7 @@ def prepare(module: torch.nn.Module, args: tuple, layers: str, keep: list[str], 
 
     with classic_attention(module):  # the graph ExecuTorch lowers: no safe-softmax guards left on portable kernels
         graph = torch.export.export(module, args).module()
-    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer(layers, keep, qat, scheme))
+    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer(layers, keep, qat, scheme, attention=attention))
     prepared.train = types.MethodType(_keep_traced_mode, prepared)
     return prepared
 
@@ -151,10 +191,16 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def quantized_layers(prepared: torch.fx.GraphModule) -> dict[str, int]:
-    """How many linear and conv nodes carry a quantized weight: the count that proves annotation took."""
-    counts = {"linear": 0, "conv": 0}
+    """How many linear and conv nodes carry a quantized weight (and, where any are, how many attention matmuls
+    were annotated): the count that proves annotation took."""
+    counts = {"linear": 0, "conv": 0, "attention_matmuls": 0}
     for node in prepared.graph.nodes:
-        if node.op == "call_function" and node.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
+        if node.op != "call_function":
+            continue
+        if node.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default):
             if node.args[1].op == "call_module":  # the weight passes through an observer or fake-quantizer
                 counts["linear" if node.target == torch.ops.aten.linear.default else "conv"] += 1
-    return counts
+        elif node.target in ATTENTION_MATMULS:
+            annotation = node.meta.get("quantization_annotation")
+            counts["attention_matmuls"] += bool(annotation and annotation.input_qspec_map)
+    return counts if counts["attention_matmuls"] else {"linear": counts["linear"], "conv": counts["conv"]}

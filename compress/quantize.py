@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from ..apps import modelio
@@ -53,6 +53,7 @@ class QuantizeConfig(RunSettings):
 
     backend: Backend = "xnnpack"
     layers: Literal["linear", "conv+linear"] = "conv+linear"
+    attention: bool = False  # also the attention matmuls' operands (QKᵀ, AV): onnx-int8 and coreml-w8a8
     keep: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding"])  # stay fp32
     keep_sensitive: int = Field(0, ge=0)  # also keep fp32 the layers int8 hurts most, measured one by one
     qat_steps: int = Field(0, ge=0)  # 0: post-training quantization only
@@ -63,6 +64,15 @@ class QuantizeConfig(RunSettings):
     check_prompts: int = Field(8, ge=1)  # validation captions whose trajectories measure the error
     sampling_steps: int = Field(4, ge=1)
     guidance: float = Field(7.5, ge=0)
+
+    @model_validator(mode="after")
+    def attention_where_it_runs(self):
+        if self.attention and self.backend not in pt2e_int8.ATTENTION_SCHEMES:
+            why = (": XNNPACK delegates batched matmuls in fp32 only, so int8 operands would be dequantized again"
+                   if self.backend == "xnnpack" else "")
+            raise ValueError(f"attention matmuls are quantized for {', '.join(pt2e_int8.ATTENTION_SCHEMES)}, "
+                             f"not {self.backend}{why}")
+        return self
 
 
 def scheme(backend: str) -> dict:
@@ -163,10 +173,13 @@ class QATLoss:
 
 def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
     spec = {"backend": config.backend, "layers": config.layers, "keep": keep, "qat": config.qat_steps > 0}
+    if config.attention:
+        spec["attention"] = True
     if config.backend in PALETTES:
         bits = PALETTES[config.backend]
         return spec | {"bits": bits, "scheme": f"{bits}-bit weights: a {2 ** bits}-value table per layer, fp16 activations"}
-    return spec | {"scheme": brevitas_w4a8.SCHEME if config.backend == W4A8 else pt2e_int8.describe(config.backend)}
+    return spec | {"scheme": brevitas_w4a8.SCHEME if config.backend == W4A8 else
+                   pt2e_int8.describe(config.backend, config.attention)}
 
 
 def _layer_counts(unet, names: list[str]) -> dict[str, int]:
@@ -191,7 +204,7 @@ def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tupl
         return student, _layer_counts(unet, names)
     student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
     graph = pt2e_int8.prepare(student, _args(next(_chunks(rows, size))), spec["layers"], spec["keep"], spec["qat"],
-                              spec["backend"])
+                              spec["backend"], spec.get("attention", False))
     _outputs(graph, rows, size)  # calibration: every observer sees every recorded timestep
     return graph, pt2e_int8.quantized_layers(graph)
 
@@ -273,8 +286,9 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     if spec["qat"]:
         report["final"] = last_logged(out / "log.csv")
     (out / "quantize_report.json").write_text(json.dumps(report, indent=2))
+    matmuls = f" + {counts['attention_matmuls']} attention matmuls" if "attention_matmuls" in counts else ""
     log(f"{config.backend} ({'QAT' if spec['qat'] else 'PTQ'}, {spec['scheme']}): {counts['linear']} linear + "
-        f"{counts['conv']} conv layers, UNet relative error {report['unet_relative_error']:.4f} on held-out trajectories")
+        f"{counts['conv']} conv layers{matmuls}, UNet relative error {report['unet_relative_error']:.4f} on held-out trajectories")
     return report
 
 
@@ -333,7 +347,8 @@ class QuantizedUNet(torch.nn.Module):
 
 def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
     """The converted int8 graph of `unet` at `args`' shapes, its observers restored from `state`."""
-    graph = pt2e_int8.prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"], spec["backend"])
+    graph = pt2e_int8.prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"], spec["backend"],
+                              spec.get("attention", False))
     expected = {k for k in graph.state_dict() if not k.startswith(ROOT + ".")}
     if expected != set(state):
         raise UserError(f"the saved quantization state does not fit this UNet's graph "

@@ -114,7 +114,7 @@ def _quantization_note(fmt: str, module, precision: str, quantization: tuple[dic
     if precision == "int8" and quantization is None:
         return "post-training at export: xnnpack int8, linear"
     spec = quantization[0]
-    trained = f"{'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}"
+    trained = f"{'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}{' + attention' if spec.get('attention') else ''}"
     if precision == "int8":
         return f"saved: {spec['backend']} {'W4A8' if spec['backend'] == 'brevitas-w4a8' else 'int8'}, {trained}"
     if "bits" in spec and module.PALETTIZES:

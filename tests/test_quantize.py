@@ -247,6 +247,40 @@ def test_onnx_int8_export_runs_the_saved_qdq_graph_in_onnxruntime_int8_kernels(t
     assert np.linalg.norm(ours - torch_int8) < 0.01 * np.linalg.norm(float_out - torch_int8)
 
 
+def test_attention_matmuls_take_int8_probabilities_in_onnxruntime(tiny_pipeline, tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from diffusers.models.attention_processor import Attention
+
+    from pocketdiff.export.exporter import ExportConfig, export_model
+
+    folder = tmp_path / "q"
+    report = quantize(modelio.open_model(tiny_pipeline), QuantizeConfig(**SMALL, backend="onnx-int8", attention=True),
+                      folder, log=lambda _: None)
+    int8 = load_quantized_unet(modelio.open_model(folder))
+    attentions = sum(isinstance(m, Attention) for m in int8.unet.modules())
+    assert report["quantized_layers"]["attention_matmuls"] == 2 * attentions  # QKᵀ and AV in each
+    assert report["spec"]["attention"] and "attention matmuls" in report["spec"]["scheme"]
+    graph = int8.graph_for(tuple(unet_component(int8.unet, 8).inputs.values()))
+    av = [n for n in graph.graph.nodes if n.target == torch.ops.aten.bmm.default]
+    # the linears' own observers already quantize Q, K and V; what the option adds is the probabilities AV takes
+    assert len(av) == attentions and all("dequantize_per_tensor" in str(n.args[0].target) for n in av)
+
+    exported = export_model(modelio.open_model(folder), ExportConfig(to=["onnx"], components=["unet"]),
+                            tmp_path / "export", log=lambda _: None)["onnx"]["components"]["unet"]
+    assert exported["ok"] and exported["quantization"] == "saved: onnx-int8 int8, post-training, conv+linear + attention"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "export" / "onnx" / "unet" / "model.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath).graph.node
+    users = {name: [m for m in nodes if name in m.input] for n in nodes for name in n.output}
+    av = [users[q.output[0]] for n in nodes if n.op_type == "Softmax" for q in users[n.output[0]]]
+    assert len(av) == attentions and all(u.op_type in ("QLinearMatMul", "MatMulIntegerToFloat") for a in av for u in a)
+    with pytest.raises(ValueError, match="XNNPACK delegates batched matmuls in fp32 only"):
+        QuantizeConfig(backend="xnnpack", attention=True)
+
+
 def _palettized(unet, keep):
     return {name: m for name, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
             and not any(name == k or name.startswith(k + ".") for k in keep)}

@@ -17,7 +17,6 @@ is indicative, the time is the point).
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from pocketdiff.compress import pt2e_int8
 from pocketdiff.export.onnx import OPSET
+from unet_speedups import session_times  # beside this script
 
 
 class Transformer(torch.nn.Module):
@@ -92,15 +92,9 @@ def main() -> None:
     times, outputs = {name: [] for name in files}, {}
     for round_ in range(args.rounds):
         for name, path in files.items():
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            outputs[name] = session.run(None, feed)[0]  # warm-up
-            for _ in range(args.runs):
-                began = time.perf_counter()
-                session.run(None, feed)
-                times[name].append((time.perf_counter() - began) * 1e3)
-            del session
-            gc.collect()
-            print(f"round {round_}: {name} median {np.median(times[name][-args.runs:]):.0f} ms", flush=True)
+            timed, (outputs[name],) = session_times(path, feed, args.runs, warmup=1)
+            times[name] += timed
+            print(f"round {round_}: {name} median {np.median(timed):.0f} ms", flush=True)
 
     reference = outputs["fp32"] - feed["hidden_states"]  # the residual branch: the input itself passes through exactly
     base = np.percentile(times["fp32"], 10)

@@ -31,6 +31,24 @@ def feed(session, batch: int, latent: int) -> dict[str, np.ndarray]:
     return inputs
 
 
+def session_times(path, inputs: dict[str, np.ndarray], runs: int, warmup: int = 3) -> tuple[list[float], list]:
+    """One model's turn: a fresh onnxruntime session, warm-up calls, `runs` timed calls (ms), then closed, so its
+    idle threads do not spin beside the next model. Also returns the outputs of the last warm-up call."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        outputs = session.run(None, inputs)
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        session.run(None, inputs)
+        times.append((time.perf_counter() - began) * 1000)
+    del session
+    gc.collect()
+    return times, outputs
+
+
 def main() -> None:
     import onnxruntime
 
@@ -46,17 +64,8 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         times = {}
         for name, path in models.items():
-            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-            inputs = feed(session, args.batch, args.latent)
-            for _ in range(3):
-                session.run(None, inputs)
-            times[name] = []
-            for _ in range(args.runs):
-                began = time.perf_counter()
-                session.run(None, inputs)
-                times[name].append((time.perf_counter() - began) * 1000)
-            del session
-            gc.collect()
+            inputs = feed(onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]), args.batch, args.latent)
+            times[name] = session_times(path, inputs, args.runs)[0]
             time.sleep(0.5)
         p10 = {name: float(np.percentile(t, 10)) for name, t in times.items()}
         for name, t in times.items():

@@ -78,7 +78,8 @@ def main() -> None:
         variants[f"PTQ {kind}, conv+linear+attention"] = QuantizeConfig(attention=True, **common)
     rows = {"fp32": {"folder": model.path}}
     for name, config in variants.items():
-        folder = work / args.backend / f"{name.split()[0].lower()}-{name.split(', ')[1].replace('+', '-')}"
+        layers = config.layers + ("+attention" if config.attention else "")
+        folder = work / args.backend / f"{name.split()[0].lower()}-{layers.replace('+', '-')}"
         began = time.perf_counter()
         report = (json.loads((folder / "quantize_report.json").read_text()) if (folder / "quantize_report.json").exists()
                   else quantize(model, config, folder, log=print))

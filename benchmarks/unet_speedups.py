@@ -33,16 +33,16 @@ def feed(session, batch: int, latent: int) -> dict[str, np.ndarray]:
 
 def session_times(path, inputs: dict[str, np.ndarray], runs: int, warmup: int = 3) -> tuple[list[float], list]:
     """One model's turn: a fresh onnxruntime session, warm-up calls, `runs` timed calls (ms), then closed, so its
-    idle threads do not spin beside the next model. Also returns the outputs of the last warm-up call."""
+    idle threads do not spin beside the next model. Also returns the outputs of the last call."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for _ in range(warmup):
-        outputs = session.run(None, inputs)
+        session.run(None, inputs)
     times = []
     for _ in range(runs):
         began = time.perf_counter()
-        session.run(None, inputs)
+        outputs = session.run(None, inputs)
         times.append((time.perf_counter() - began) * 1000)
     del session
     gc.collect()
@@ -61,11 +61,13 @@ def main() -> None:
     args = parser.parse_args()
     models = dict(item.split("=", 1) for item in args.models)
     reference = next(iter(models))
+    feeds = {name: feed(onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]), args.batch, args.latent)
+             for name, path in models.items()}  # once per model; each round loads a fresh session to time
+    gc.collect()
     for round_ in range(1, args.rounds + 1):
         times = {}
         for name, path in models.items():
-            inputs = feed(onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]), args.batch, args.latent)
-            times[name] = session_times(path, inputs, args.runs)[0]
+            times[name] = session_times(path, feeds[name], args.runs)[0]
             time.sleep(0.5)
         p10 = {name: float(np.percentile(t, 10)) for name, t in times.items()}
         for name, t in times.items():

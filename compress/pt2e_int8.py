@@ -28,11 +28,11 @@ SCHEMES = {"xnnpack": {"weight_qmin": -127, "weight_qmax": 127, "activations": "
            "coreml-w8a8": {"weight_qmin": -127, "weight_qmax": 127, "activations": "symmetric"}}
 OPS = {"linear": (torch.ops.aten.linear.default,),
        "conv+linear": (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)}
-# Attention's two batched matmuls as diffusers' classic processor traces them, and their operands'
-# positions: QKᵀ is baddbmm(empty, Q, Kᵀ, beta=0, alpha=scale), AV is bmm(softmax, V). Q, K and V
-# come out of quantized linears, whose output observers already make them int8 (reshapes share
-# them); annotating the matmuls adds the one float operand left, the softmax's probabilities.
-ATTENTION_MATMULS = {torch.ops.aten.baddbmm.default: (1, 2), torch.ops.aten.bmm.default: (0, 1)}
+# Attention's two batched matmuls as `classic_attention` traces them, and their operands' positions:
+# QKᵀ is bmm(scale·Q, Kᵀ), AV is bmm(softmax, V). Q, K and V come out of quantized linears, whose
+# output observers already make them int8 (reshapes share them); annotating the matmuls adds the
+# float operands left: the scaled query and the softmax's probabilities.
+ATTENTION_MATMULS = {torch.ops.aten.bmm.default: (0, 1)}
 # Runtimes whose int8 kernels take both operands of a matmul from activations: onnxruntime fuses
 # DQ, DQ → MatMul into MatMulIntegerToFloat; Core ML takes int8 activations into any op. XNNPACK's
 # partitioner delegates bmm in fp32 only, so int8 operands would be dequantized again on the CPU.

@@ -7,10 +7,10 @@ runner pads a batch-1 call. `io.json` beside each program records input order, s
 names, which a `.pte` does not carry. int8 is PT2E post-training quantization with ExecuTorch's
 XNNPACK quantizer, calibrated on inputs recorded from the PyTorch pipeline's own sampling.
 
-Attention is traced through diffusers' classic processor (batched matmul, softmax, matmul), not
-`scaled_dot_product_attention`: torch decomposes the latter into a "safe" softmax whose
-`where`/`eq`/`any` guards XNNPACK does not take, and `pocketdiff profile` showed those portable
-fallbacks costing the default UNet about half its ExecuTorch time.
+Attention is traced as batched matmul, softmax, matmul (diffusers' classic processor, with the
+scale on the query), not `scaled_dot_product_attention`: torch decomposes the latter into a "safe"
+softmax whose `where`/`eq`/`any` guards XNNPACK does not take, and `pocketdiff profile` showed those
+portable fallbacks costing the default UNet about half its ExecuTorch time.
 """
 
 from __future__ import annotations
@@ -104,20 +104,45 @@ def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
     return value.repeat(-(-example.shape[0] // value.shape[0]), *([1] * (value.dim() - 1)))[:example.shape[0]]
 
 
+def _scaled_query_scores(layer):
+    """Attention's probabilities from a plain batched matmul of the scaled query.
+
+    diffusers' `get_attention_scores` computes baddbmm(empty, Q, Kᵀ, beta=0, alpha=scale), which the
+    exporters write as the empty input expanded to the scores' shape, two scalar multiplies and an add
+    over all heads × tokens² scores: at SD-1.5's 4,096 tokens those took onnxruntime longer than the
+    matmul itself. Scaling Q first (heads × tokens × head_dim values) is the same product."""
+    def scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = query.dtype
+        if layer.upcast_attention:
+            query, key = query.float(), key.float()
+        logits = torch.bmm(query * layer.scale, key.transpose(-1, -2))
+        if attention_mask is not None:
+            logits = logits + attention_mask
+        if layer.upcast_softmax:
+            logits = logits.float()
+        probabilities = logits.softmax(dim=-1)
+        return probabilities if probabilities.dtype == dtype else probabilities.to(dtype)  # no copy traced
+
+    return scores
+
+
 @contextmanager
 def classic_attention(module: torch.nn.Module):
-    """Trace diffusers' attention as explicit matmul-softmax-matmul (same math), then put the processors back."""
+    """Trace diffusers' attention as explicit matmul-softmax-matmul (same math, the scale on Q), then put the
+    processors back."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     layers = [m for m in module.modules() if isinstance(m, Attention)]
     saved = [m.processor for m in layers]
     for layer in layers:
         layer.set_processor(AttnProcessor())
+        layer.get_attention_scores = _scaled_query_scores(layer)
     try:
         yield
     finally:
         for layer, processor in zip(layers, saved):
             layer.set_processor(processor)
+            del layer.get_attention_scores
 
 
 def export_component(component: Component, folder: Path, precision: str, backends: tuple[str, ...] = ("xnnpack",),

@@ -262,9 +262,10 @@ def test_attention_matmuls_take_int8_probabilities_in_onnxruntime(tiny_pipeline,
     assert report["quantized_layers"]["attention_matmuls"] == 2 * attentions  # QKᵀ and AV in each
     assert report["spec"]["attention"] and "attention matmuls" in report["spec"]["scheme"]
     graph = int8.graph_for(tuple(unet_component(int8.unet, 8).inputs.values()))
-    av = [n for n in graph.graph.nodes if n.target == torch.ops.aten.bmm.default]
-    # the linears' own observers already quantize Q, K and V; what the option adds is the probabilities AV takes
-    assert len(av) == attentions and all("dequantize_per_tensor" in str(n.args[0].target) for n in av)
+    matmuls = [n for n in graph.graph.nodes if n.target == torch.ops.aten.bmm.default]
+    # QKᵀ of the scaled query and AV: every operand int8, the probabilities AV takes among them
+    assert len(matmuls) == 2 * attentions
+    assert all("dequantize_per_tensor" in str(operand.target) for n in matmuls for operand in n.args)
 
     exported = export_model(modelio.open_model(folder), ExportConfig(to=["onnx"], components=["unet"]),
                             tmp_path / "export", log=lambda _: None)["onnx"]["components"]["unet"]
@@ -275,8 +276,12 @@ def test_attention_matmuls_take_int8_probabilities_in_onnxruntime(tiny_pipeline,
                          providers=["CPUExecutionProvider"])
     nodes = onnx.load(options.optimized_model_filepath).graph.node
     users = {name: [m for m in nodes if name in m.input] for n in nodes for name in n.output}
-    av = [users[q.output[0]] for n in nodes if n.op_type == "Softmax" for q in users[n.output[0]]]
+    producer = {name: n for n in nodes for name in n.output}
+    softmaxes = [n for n in nodes if n.op_type == "Softmax"]
+    av = [users[q.output[0]] for n in softmaxes for q in users[n.output[0]]]
     assert len(av) == attentions and all(u.op_type in ("QLinearMatMul", "MatMulIntegerToFloat") for a in av for u in a)
+    # the scale is on Q, so the scores go from their int8 matmul straight into the softmax
+    assert {producer[n.input[0]].op_type for n in softmaxes} == {"MatMulIntegerToFloat"}
     with pytest.raises(ValueError, match="XNNPACK delegates batched matmuls in fp32 only"):
         QuantizeConfig(backend="xnnpack", attention=True)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attention_int8 import sd15_transformer  # beside this script
+from attention_int8 import sd15_transformer, transformer_inputs  # beside this script
 from pocketdiff.export.executorch import classic_attention
 
 
@@ -80,9 +80,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = sd15_transformer()
-    generator = torch.Generator().manual_seed(0)
-    inputs = (torch.randn(2, 320, args.latent, args.latent, generator=generator),
-              torch.randn(2, 77, 768, generator=generator))
+    inputs = transformer_inputs(args.latent, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(*inputs)
     forms = {"scaled_dot_product_attention": lambda: diffusers_processor(model, AttnProcessor2_0),

@@ -47,6 +47,11 @@ def sd15_transformer() -> Transformer:
                                           cross_attention_dim=768, norm_num_groups=32)).eval()
 
 
+def transformer_inputs(latent: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded hidden states at `latent`×`latent` and CLIP-shaped text states, at batch 2 (guidance's batch)."""
+    return torch.randn(2, 320, latent, latent, generator=generator), torch.randn(2, 77, 768, generator=generator)
+
+
 def export(module, args: tuple, path: Path) -> Path:
     torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, optimize=False,
                       input_names=["hidden_states", "encoder_hidden_states"], output_names=["out"], verbose=False)
@@ -76,12 +81,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = sd15_transformer()
     generator = torch.Generator().manual_seed(0)
-
-    def inputs():
-        return (torch.randn(2, 320, args.latent, args.latent, generator=generator),
-                torch.randn(2, 77, 768, generator=generator))
-
-    example, calibration = inputs(), [inputs() for _ in range(4)]
+    example = transformer_inputs(args.latent, generator)
+    calibration = [transformer_inputs(args.latent, generator) for _ in range(4)]
     files = {"fp32": export(model, example, work / "fp32.onnx")}
     for name, attention in (("int8 conv+linear", False), ("int8 conv+linear+attention", True)):
         began = time.perf_counter()

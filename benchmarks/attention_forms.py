@@ -15,7 +15,6 @@ classic processor (p10 ÷ p10), and its largest difference from PyTorch's output
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import time
 from pathlib import Path
@@ -24,22 +23,7 @@ import numpy as np
 import torch
 
 from attention_int8 import sd15_transformer, transformer_inputs  # beside this script
-from pocketdiff.export.executorch import classic_attention
-
-
-@contextlib.contextmanager
-def diffusers_processor(model: torch.nn.Module, processor: type):
-    from diffusers.models.attention_processor import Attention
-
-    layers = [m for m in model.modules() if isinstance(m, Attention)]
-    saved = [m.processor for m in layers]
-    for layer in layers:
-        layer.set_processor(processor())
-    try:
-        yield
-    finally:
-        for layer, kept in zip(layers, saved):
-            layer.set_processor(kept)
+from pocketdiff.export.executorch import attention_processor, classic_attention
 
 
 def lower(model: torch.nn.Module, args: tuple, path: Path) -> Path:
@@ -83,8 +67,8 @@ def main() -> None:
     inputs = transformer_inputs(args.latent, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(*inputs)
-    forms = {"scaled_dot_product_attention": lambda: diffusers_processor(model, AttnProcessor2_0),
-             "classic processor (baddbmm)": lambda: diffusers_processor(model, AttnProcessor),
+    forms = {"scaled_dot_product_attention": lambda: attention_processor(model, AttnProcessor2_0),
+             "classic processor (baddbmm)": lambda: attention_processor(model, AttnProcessor),
              "classic_attention (scaled-query bmm)": lambda: classic_attention(model)}
     programs = {}
     for n, (name, form) in enumerate(forms.items()):

@@ -127,22 +127,35 @@ def _scaled_query_scores(layer):
 
 
 @contextmanager
-def classic_attention(module: torch.nn.Module):
-    """Trace diffusers' attention as explicit matmul-softmax-matmul (same math, the scale on Q), then put the
-    processors back."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor
+def attention_processor(module: torch.nn.Module, processor: type):
+    """Every diffusers `Attention` in `module` runs a fresh `processor()`; the processors are put back after."""
+    from diffusers.models.attention_processor import Attention
 
     layers = [m for m in module.modules() if isinstance(m, Attention)]
     saved = [m.processor for m in layers]
     for layer in layers:
-        layer.set_processor(AttnProcessor())
-        layer.get_attention_scores = _scaled_query_scores(layer)
+        layer.set_processor(processor())
     try:
-        yield
+        yield layers
     finally:
-        for layer, processor in zip(layers, saved):
-            layer.set_processor(processor)
-            del layer.get_attention_scores
+        for layer, kept in zip(layers, saved):
+            layer.set_processor(kept)
+
+
+@contextmanager
+def classic_attention(module: torch.nn.Module):
+    """Trace diffusers' attention as explicit matmul-softmax-matmul (same math, the scale on Q), then put the
+    processors back."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    with attention_processor(module, AttnProcessor) as layers:
+        for layer in layers:
+            layer.get_attention_scores = _scaled_query_scores(layer)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.get_attention_scores
 
 
 def export_component(component: Component, folder: Path, precision: str, backends: tuple[str, ...] = ("xnnpack",),

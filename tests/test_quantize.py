@@ -234,17 +234,33 @@ def test_onnx_int8_export_runs_the_saved_qdq_graph_in_onnxruntime_int8_kernels(t
     with pytest.raises(UserError, match="traced at a fixed batch"):  # the browser demo feeds batch 1
         check_export(tmp_path / "export")
 
-    # Unfused, QuantizeLinear/DequantizeLinear compute what torch's reference int8 graph computes: the file
-    # is the saved model (fused int8 kernels round differently, by about as much as int8 differs from fp32)
+    # The file is the saved int8 graph: torch's reference graph's activation ranges, in graph order, and its int8
+    # weights, exactly
     int8 = load_quantized_unet(modelio.open_model(folder))
     inputs = unet_component(int8.unet, 8).inputs
+    graph = int8.graph_for(tuple(inputs.values()))
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    constants.update({node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in model.graph.node
+                      if node.op_type == "Constant" and node.attribute[0].name == "value"})
+    ranges = [(float(constants[node.input[1]]), int(constants[node.input[2]]))
+              for node in model.graph.node if node.op_type == "QuantizeLinear"]
+    quantize_ops = torch.ops.quantized_decomposed
+    assert ranges == [(float(node.args[1]), int(node.args[2])) for node in graph.graph.nodes
+                      if node.target == quantize_ops.quantize_per_tensor.default]
+    assert sorted(w.tobytes() for w in weights) == sorted(
+        getattr(graph, node.args[0].target).numpy().tobytes() for node in graph.graph.nodes
+        if node.target == quantize_ops.dequantize_per_channel.default)
+
+    # Unfused, onnxruntime's QuantizeLinear/DequantizeLinear land near torch's int8 graph, not exactly: a one-ulp
+    # float difference before a quantize moves a value one int8 step, and this UNet carries such a step far (torch's
+    # own graph, its input moved by 1e-5 relative, lands as far from itself as from float; onnxruntime here, 0.21)
     with torch.no_grad():
         torch_int8, float_out = int8(*inputs.values()).sample.numpy(), int8.unet(*inputs.values()).sample.numpy()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     unfused = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     (ours,) = unfused.run(None, {k: v.numpy() for k, v in inputs.items()})
-    assert np.linalg.norm(ours - torch_int8) < 0.01 * np.linalg.norm(float_out - torch_int8)
+    assert np.linalg.norm(ours - torch_int8) < 0.5 * np.linalg.norm(float_out - torch_int8)
 
 
 def test_attention_matmuls_take_int8_probabilities_in_onnxruntime(tiny_pipeline, tmp_path):

@@ -14,7 +14,6 @@ classic processor (p10 ÷ p10), and its largest difference from PyTorch's output
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attention_int8 import sd15_transformer, transformer_inputs  # beside this script
+from attention_int8 import command_line, print_table, transformer_inputs  # beside this script
 from pocketdiff.export.executorch import attention_processor, classic_attention
 
 
@@ -54,16 +53,7 @@ def program_times(path: Path, args: tuple, runs: int) -> tuple[list[float], torc
 def main() -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--work", default="attention-forms")
-    args = parser.parse_args()
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = sd15_transformer()
+    args, work, model = command_line(__doc__.splitlines()[0], runs=3, work="attention-forms")
     inputs = transformer_inputs(args.latent, torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(*inputs)
@@ -84,15 +74,9 @@ def main() -> None:
             times[name] += timed
             print(f"round {round_}: {name} median {np.median(timed):.0f} ms", flush=True)
 
-    base = np.percentile(times["classic processor (baddbmm)"], 10)
-    print(f"\nSD-1.5 down_blocks.0 transformer, {args.latent}×{args.latent} latents ({args.latent ** 2} tokens), batch 2, "
-          f"ExecuTorch fp32 (XNNPACK), {args.rounds}×{args.runs} runs each\n")
-    print("| attention traced as | median ms | p10 ms | speed-up (p10) | max abs diff vs PyTorch |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in programs:
-        p10 = np.percentile(times[name], 10)
-        diff = (outputs[name] - reference).abs().max().item()
-        print(f"| {name} | {np.median(times[name]):.0f} | {p10:.0f} | {base / p10:.2f}× | {diff:.1e} |")
+    print_table(args, "ExecuTorch fp32 (XNNPACK)", ("attention traced as", "max abs diff vs PyTorch"), times,
+                "classic processor (baddbmm)",
+                {name: f"{(out - reference).abs().max().item():.1e}" for name, out in outputs.items()})
 
 
 if __name__ == "__main__":

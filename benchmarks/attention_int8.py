@@ -52,6 +52,31 @@ def transformer_inputs(latent: int, generator: torch.Generator) -> tuple[torch.T
     return torch.randn(2, 320, latent, latent, generator=generator), torch.randn(2, 77, 768, generator=generator)
 
 
+def command_line(description: str, runs: int, work: str) -> tuple[argparse.Namespace, Path, Transformer]:
+    """What both SD-1.5 transformer benchmarks take (--latent, --rounds, --runs, --work), their work folder and model."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--work", default=work)
+    args = parser.parse_args()
+    folder = Path(args.work)
+    folder.mkdir(parents=True, exist_ok=True)
+    return args, folder, sd15_transformer()
+
+
+def print_table(args: argparse.Namespace, runtime: str, columns: tuple[str, str], times: dict[str, list[float]],
+                base: str, accuracy: dict[str, str]) -> None:
+    """Both transformer benchmarks' table: median and p10 ms per row, speed-up over row `base` (p10 ÷ p10), accuracy."""
+    print(f"\nSD-1.5 down_blocks.0 transformer, {args.latent}×{args.latent} latents ({args.latent ** 2} tokens), batch 2, "
+          f"{runtime}, {args.rounds}×{args.runs} runs each\n")
+    print(f"| {columns[0]} | median ms | p10 ms | speed-up (p10) | {columns[1]} |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, timed in times.items():
+        p10 = np.percentile(timed, 10)
+        print(f"| {name} | {np.median(timed):.0f} | {p10:.0f} | {np.percentile(times[base], 10) / p10:.2f}× | {accuracy[name]} |")
+
+
 def export(module, args: tuple, path: Path) -> Path:
     torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, optimize=False,
                       input_names=["hidden_states", "encoder_hidden_states"], output_names=["out"], verbose=False)
@@ -70,16 +95,7 @@ def int8(model: Transformer, args: tuple, calibration: list[tuple], attention: b
 def main() -> None:
     import onnxruntime
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--work", default="attention-bench")
-    args = parser.parse_args()
-
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    model = sd15_transformer()
+    args, work, model = command_line(__doc__.splitlines()[0], runs=5, work="attention-bench")
     generator = torch.Generator().manual_seed(0)
     example = transformer_inputs(args.latent, generator)
     calibration = [transformer_inputs(args.latent, generator) for _ in range(4)]
@@ -98,15 +114,10 @@ def main() -> None:
             print(f"round {round_}: {name} median {np.median(timed):.0f} ms", flush=True)
 
     reference = outputs["fp32"] - feed["hidden_states"]  # the residual branch: the input itself passes through exactly
-    base = np.percentile(times["fp32"], 10)
-    print(f"\nSD-1.5 down_blocks.0 transformer, {args.latent}×{args.latent} latents ({args.latent ** 2} tokens), batch 2, "
-          f"onnxruntime {onnxruntime.__version__} CPU, {args.rounds}×{args.runs} runs each\n")
-    print("| model | median ms | p10 ms | speed-up (p10) | branch rel. error vs fp32 |")
-    print("| --- | --- | --- | --- | --- |")
-    for name in files:
-        error = np.linalg.norm(outputs[name] - feed["hidden_states"] - reference) / np.linalg.norm(reference)
-        p10 = np.percentile(times[name], 10)
-        print(f"| {name} | {np.median(times[name]):.0f} | {p10:.0f} | {base / p10:.2f}× | {error:.4f} |")
+    errors = {name: np.linalg.norm(out - feed["hidden_states"] - reference) / np.linalg.norm(reference)
+              for name, out in outputs.items()}
+    print_table(args, f"onnxruntime {onnxruntime.__version__} CPU", ("model", "branch rel. error vs fp32"), times,
+                "fp32", {name: f"{error:.4f}" for name, error in errors.items()})
 
 
 if __name__ == "__main__":

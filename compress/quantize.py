@@ -190,7 +190,8 @@ def _layer_counts(unet, names: list[str]) -> dict[str, int]:
 def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tuple[torch.nn.Module, dict[str, int]]:
     """The model QAT trains (post-training quantization stops here) and how many layers it quantizes.
 
-    int8: a copy's PT2E graph with observers, calibrated on every recorded timestep; W4A8: a copy
+    int8: a copy's PT2E graph with observers, calibrated on every recorded timestep (for QAT, a
+    fake-quantized graph that starts from those grids, weights' and activations', and keeps them); W4A8: a copy
     with brevitas layers, calibrated the same way; palettes: a copy whose chosen layers' weights
     are k-means tables (fitted from the weights alone)."""
     if spec["backend"] in PALETTES:
@@ -202,10 +203,16 @@ def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tupl
         with brevitas_w4a8.calibrating(student):
             _outputs(student, rows, size)
         return student, _layer_counts(unet, names)
+    args = _args(next(_chunks(rows, size)))
+    settings = (spec["layers"], spec["keep"])
+    calibrated = pt2e_int8.prepare(traced(copy.deepcopy(unet)), args, *settings, False, spec["backend"],
+                                   spec.get("attention", False))
+    _outputs(calibrated, rows, size)  # calibration: every observer sees every recorded timestep
+    if not spec["qat"]:
+        return calibrated, pt2e_int8.quantized_layers(calibrated)
     student = traced(copy.deepcopy(unet).requires_grad_(True))  # the graph may share tensors with its module
-    graph = pt2e_int8.prepare(student, _args(next(_chunks(rows, size))), spec["layers"], spec["keep"], spec["qat"],
-                              spec["backend"], spec.get("attention", False))
-    _outputs(graph, rows, size)  # calibration: every observer sees every recorded timestep
+    graph = pt2e_int8.prepare(student, args, *settings, True, spec["backend"], spec.get("attention", False))
+    pt2e_int8.start_from(graph, calibrated)
     return graph, pt2e_int8.quantized_layers(graph)
 
 

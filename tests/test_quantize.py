@@ -95,6 +95,30 @@ def test_qat_trains_against_the_fp32_unet(tiny_pipeline, tmp_path):
                  log=lambda _: None)
 
 
+@pytest.mark.parametrize("backend", ["onnx-int8", "coreml-w8a8"])
+def test_qat_starts_as_the_post_training_model_and_trains_on_the_grids_it_ships(tiny_pipeline, backend):
+    from pocketdiff.compress import pt2e_int8
+    from pocketdiff.compress.calibration import record_unet_inputs
+    from pocketdiff.compress.quantize import _args, _prepare, per_sample, traced
+
+    pipe = modelio.load_pipeline(modelio.open_model(tiny_pipeline))
+    rows = per_sample(record_unet_inputs(pipe, ["red apple", "grinning face"], 2, 7.5))
+    spec = {"backend": backend, "layers": "conv+linear", "keep": ["conv_in", "conv_out", "time_embedding"], "qat": True}
+    qat, counts = _prepare(pipe.unet, spec, rows, 4)
+    ptq, same_counts = _prepare(pipe.unet, {**spec, "qat": False}, rows, 4)
+    assert counts == same_counts and counts["conv"] > 0
+    args = _args({k: v[:4] for k, v in rows.items()})
+    with torch.no_grad():
+        fp32, trained_on = traced(pipe.unet)(*args), qat(*args)
+        for graph in (qat, ptq):
+            pt2e_int8.freeze(graph)
+        shipped, post_training = pt2e_int8.convert(qat)(*args), pt2e_int8.convert(ptq)(*args)
+    assert torch.equal(shipped, post_training)  # QAT's step 0 is the post-training int8 model, grid for grid
+    int8_error = (shipped - fp32).norm()
+    assert int8_error > 1e-3 * fp32.norm()
+    assert (trained_on - shipped).norm() < 1e-3 * int8_error  # the fake-quantized graph computes what ships
+
+
 def test_graph_taps_keep_what_module_hooks_keep_and_leave_the_graph_as_it_was(tiny_pipeline):
     from pocketdiff.compress import pt2e_int8
     from pocketdiff.compress.quantize import traced

@@ -191,9 +191,9 @@ def _prepare(unet, spec: dict, rows: dict[str, torch.Tensor], size: int) -> tupl
     """The model QAT trains (post-training quantization stops here) and how many layers it quantizes.
 
     int8: a copy's PT2E graph with observers, calibrated on every recorded timestep (for QAT, a
-    fake-quantized graph that starts from those grids, weights' and activations', and keeps them); W4A8: a copy
-    with brevitas layers, calibrated the same way; palettes: a copy whose chosen layers' weights
-    are k-means tables (fitted from the weights alone)."""
+    fake-quantized graph that starts from those grids, weights' and activations', and keeps them);
+    W4A8: a copy with brevitas layers, calibrated the same way; palettes: a copy whose chosen
+    layers' weights are k-means tables (fitted from the weights alone)."""
     if spec["backend"] in PALETTES:
         student = traced(copy.deepcopy(unet))
         return student, _layer_counts(unet, palettize.palettize_(student.unet, spec["layers"], spec["keep"], spec["bits"]))

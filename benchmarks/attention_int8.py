@@ -88,7 +88,6 @@ def int8(model: Transformer, args: tuple, calibration: list[tuple], attention: b
     with torch.no_grad():
         for batch in calibration:
             prepared(*batch)
-    pt2e_int8.freeze(prepared)
     return pt2e_int8.convert(prepared)
 
 

@@ -219,15 +219,6 @@ def start_from(qat: torch.fx.GraphModule, calibrated: torch.fx.GraphModule) -> N
         fake.__class__ = FakeQuantize  # same buffers; its forward applies the held scale and zero point
 
 
-def freeze(prepared: torch.fx.GraphModule) -> None:
-    """Stop every fake-quantizer's observer: the ranges seen so far are the ones the int8 model keeps.
-
-    Post-training observers have no switch; nothing runs them between calibration and `convert`."""
-    for sub in prepared.modules():
-        if hasattr(sub, "observer_enabled"):
-            sub.observer_enabled[0] = 0
-
-
 def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 

@@ -228,7 +228,6 @@ def _save(model: torch.nn.Module, unet, spec: dict, source: Path, out: Path) -> 
         modelio.save_pipeline_with(source, out, "unet", unet)
         save_file(unshared({k: v for k, v in state.items() if k not in floats}), out / "unet" / STATE_FILE)
     else:
-        pt2e_int8.freeze(model)
         state = model.state_dict()
         unet.load_state_dict({k[len(ROOT) + 1:]: v for k, v in state.items() if k.startswith(ROOT + ".")})
         modelio.save_pipeline_with(source, out, "unet", unet)
@@ -361,7 +360,6 @@ def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
         raise UserError(f"the saved quantization state does not fit this UNet's graph "
                         f"({len(expected ^ set(state))} entries differ); quantize the model again")
     graph.load_state_dict(state, strict=False)
-    pt2e_int8.freeze(graph)
     return pt2e_int8.convert(graph)
 
 

@@ -19,10 +19,10 @@ fp16), UNet only, as that format ships it, checked against fp32 PyTorch (relativ
 exported file's output) and timed in that format's runtime on this host at the export's batch,
 once every file is written: `--rounds` rounds in which the files take turns, each loaded afresh,
 warmed up and called `--repeats` times (timed one by one, each right after its export in the
-exporting process, two int8 programs of one graph timed 8.6 and 5.7 ms). Latency is the 10th percentile over all
-rounds; the speed-up over the float file is given per round, as a range. Core ML runs only on
-macOS: elsewhere its rows have sizes and no error or time. Quantized folders in `--work` are
-reused, so a rerun only evaluates and times.
+exporting process, two int8 programs of one graph timed 8.6 and 5.7 ms). Latency is the 10th
+percentile over all rounds; the speed-up over the float file is given per round, as a range. Core
+ML runs only on macOS: elsewhere its rows have sizes and no error or time. Quantized folders in
+`--work` are reused, so a rerun only evaluates and times.
 """
 
 from __future__ import annotations

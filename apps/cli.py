@@ -139,13 +139,17 @@ def inspect_(model: ModelArg,
 def prune(model: ModelArg,
           out: Annotated[Path, typer.Option(help="Folder for the pruned model (diffusers format).")],
           preset: Annotated[Optional[str], typer.Option(help="BK-SDM preset: bk-base, bk-small or bk-tiny.")] = None,
+          remove: Annotated[Optional[str], typer.Option(
+              help="Comma-separated units to remove, named as a --target run's report names them "
+                   "(e.g. mid_block,down_blocks.2.attentions), after --preset when given.")] = None,
           target: Annotated[Optional[str], typer.Option(
               help="One-shot pruning to a target: params=R, macs=R or latency=R keeps at most R of the teacher's.")] = None,
           device: Annotated[str, typer.Option(help="With latency=R: the device profile the latency is judged on.")] = "host-cpu",
           latency_table: Annotated[Optional[Path], typer.Option(
               help="With latency=R: a saved lookup table (latency_table.json of an earlier run) instead of timing again.")] = None,
           runtime: Annotated[str, typer.Option(
-              help="With latency=R on host-cpu: time the table's layers in torch (eager) or onnxruntime.")] = "torch",
+              help="With latency=R on host-cpu: time the table's layers in torch (eager), onnxruntime or executorch "
+                   "(XNNPACK).")] = "torch",
           criterion: Annotated[str, typer.Option(help="With --target: distortion, magnitude or random.")] = "distortion",
           prompt: Annotated[Optional[list[str]], typer.Option(
               help="Calibration prompt for the distortion criterion; repeat for several (default: 16 built in).")] = None,
@@ -153,16 +157,20 @@ def prune(model: ModelArg,
           guidance: Annotated[float, typer.Option(min=0.0)] = 7.5,
           seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
           allow_pickle: AllowPickle = False):
-    """Remove UNet blocks (a BK-SDM preset or one-shot to a target) and save a model stock diffusers loads."""
+    """Remove UNet blocks (a BK-SDM preset, named units, or one-shot to a target) and save a model stock diffusers loads."""
     from rich.progress import track
 
     from ..compress.oneshot import parse_target
-    from ..compress.prune import prune_preset, prune_to_target
+    from ..compress.prune import prune_preset, prune_to_target, prune_units
 
-    if (preset is None) == (target is None):
-        raise UserError("prune needs either --preset bk-base|bk-small|bk-tiny or --target params=R|macs=R|latency=R")
+    if (preset is None and remove is None) == (target is None):
+        raise UserError("prune needs --preset bk-base|bk-small|bk-tiny and/or --remove UNIT,..., or else "
+                        "--target params=R|macs=R|latency=R")
     ref = _open(model, allow_pickle)
-    if preset is not None:
+    if remove is not None:
+        report = prune_units(ref, [n.strip() for n in remove.split(",") if n.strip()], out, preset)
+        title = f"{preset or 'teacher'} without {len(report['removed_units'])} units: removed {len(report['removed'])} layers"
+    elif preset is not None:
         report = prune_preset(ref, preset, out)
         title = f"{preset}: removed {len(report['removed'])} layers"
     else:

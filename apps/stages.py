@@ -47,13 +47,15 @@ class EvaluateConfig(StageConfig):
 
 
 class PruneConfig(StageConfig):
-    """Layer pruning, by a BK-SDM preset or one-shot to a target; the pruned model is this stage's output folder."""
+    """Layer pruning, by a BK-SDM preset and/or named units, or one-shot to a target; the pruned model is this
+    stage's output folder."""
 
     preset: Literal["bk-base", "bk-small", "bk-tiny"] | None = None
+    remove: list[str] | None = Field(None, min_length=1)  # units as a target run's report names them, after preset
     target: str | None = None
     criterion: Literal["distortion", "magnitude", "random"] = "distortion"
     device: str = "host-cpu"  # a latency target is judged on this device profile
-    runtime: Literal["torch", "onnxruntime"] = "torch"  # host-cpu: the runtime the latency table is timed in
+    runtime: Literal["torch", "onnxruntime", "executorch"] = "torch"  # host-cpu: the runtime the latency table is timed in
     latency_table: Path | None = None  # latency=R: a saved table (an earlier run's latency_table.json), not timed again
     prompts: list[str] | None = Field(None, min_length=1)
     steps: int = Field(10, ge=1)
@@ -76,8 +78,8 @@ class PruneConfig(StageConfig):
     def one_way(self):
         from ..compress.oneshot import parse_target
 
-        if (self.preset is None) == (self.target is None):
-            raise ValueError("give either preset or target")
+        if (self.preset is None and self.remove is None) == (self.target is None):
+            raise ValueError("give preset and/or remove, or else target")
         if self.latency_table is not None and (self.target is None or parse_target(self.target).metric != "latency"):
             raise ValueError("latency_table goes with a latency=R target")
         return self
@@ -85,9 +87,11 @@ class PruneConfig(StageConfig):
 
 def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
     from ..compress.oneshot import parse_target
-    from ..compress.prune import prune_preset, prune_to_target
+    from ..compress.prune import prune_preset, prune_to_target, prune_units
 
-    if config.preset:
+    if config.remove:
+        report = prune_units(ctx.model, config.remove, ctx.out, config.preset)
+    elif config.preset:
         report = prune_preset(ctx.model, config.preset, ctx.out)
     else:
         report = prune_to_target(ctx.model, parse_target(config.target), ctx.out, config.criterion, config.prompts,

@@ -1,11 +1,13 @@
 """Prune a model folder and save the result as a diffusers folder that stock diffusers loads.
 
-Two ways in: a BK-SDM preset (`prune_preset`) or one-shot pruning to a parameter or MAC target
-(`prune_to_target`). A pipeline comes back as a pipeline with the pruned UNet swapped in; a bare
-UNet as a bare UNet. An architecture-only input (configs, no weights) gives an architecture-only
-output, so SD-scale presets can be sized and profiled without weights. The report names every
-removed layer and the parameters and MACs before and after, per block; a target run adds every
-unit's score and the order the units went in.
+Three ways in: a BK-SDM preset (`prune_preset`), named units on top of a preset or of the teacher
+(`prune_units`: an architecture a researcher picks by hand, in the units a target run's report
+names), or one-shot pruning to a parameter, MAC or latency target (`prune_to_target`). A pipeline
+comes back as a pipeline with the pruned UNet swapped in; a bare UNet as a bare UNet. An
+architecture-only input (configs, no weights) gives an architecture-only output, so SD-scale
+presets can be sized and profiled without weights. The report names every removed layer and the
+parameters and MACs before and after, per block; a target run adds every unit's score and the
+order the units went in.
 """
 
 from __future__ import annotations
@@ -76,6 +78,25 @@ def prune_preset(ref: modelio.ModelRef, preset: str, out: Path) -> dict:
     return _save(ref, student, removed, preset_plan(dict(teacher.config), preset), Path(out), {"preset": preset})
 
 
+def prune_units(ref: modelio.ModelRef, names: list[str], out: Path, preset: str | None = None) -> dict:
+    """Remove the named units (`oneshot.removable_units`' names), in order, from `preset`'s plan or the teacher's."""
+    teacher = _teacher(ref)
+    config = dict(teacher.config)
+    costs = oneshot.Costs(config, "params")
+    units = {u.name: u for u in oneshot.removable_units(config, costs)}
+    plan = preset_plan(config, preset) if preset else teacher_plan(config)
+    for n, name in enumerate(names):
+        if name not in units:
+            raise UserError(f"{name!r} is not a removable unit of this UNet; its units: {', '.join(units)}")
+        pruned = units[name].apply(plan)
+        if pruned is None or costs(pruned) is None:
+            raise UserError(f"{name} cannot go after {', '.join([preset or 'the teacher', *names[:n]])}: "
+                            "it is gone already, or the layers left around it would not fit")
+        plan = pruned
+    student, removed = build_student(teacher, plan)
+    return _save(ref, student, removed, plan, Path(out), {"preset": preset, "removed_units": list(names)})
+
+
 def calibration_batches(ref: modelio.ModelRef, prompts: list[str], steps: int, guidance: float) -> list[dict]:
     """UNet inputs along the teacher pipeline's sampling trajectories, in batches of 16 calls."""
     config = modelio.unet_config(ref)
@@ -97,7 +118,8 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
 
     A latency target is judged on `device` by a lookup table (`devices.lookup`): read from
     `table_file` when given, else built now (host-cpu: each layer timed once in `runtime`, torch
-    eager or onnxruntime; a phone: its calibrated roofline) and saved beside the pruned model for reuse.
+    eager, onnxruntime or ExecuTorch; a phone: its calibrated roofline) and saved beside the pruned
+    model for reuse.
     """
     if criterion not in oneshot.CRITERIA:
         raise UserError(f"unknown criterion {criterion!r} (choose from {', '.join(oneshot.CRITERIA)})")

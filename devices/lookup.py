@@ -10,10 +10,10 @@ whole-model time over the sum of its layers, so the prediction for the teacher i
 construction and a variant's error comes only from how layers compose.
 
 Entries come from timing each layer alone on this machine (`source="measured"`, in the table's
-`runtime`: torch eager, or onnxruntime with each layer exported alone to ONNX, since a table timed
-in one runtime mispredicts another where per-node overhead differs), or from a device profile's
-calibrated roofline for devices not at hand (`source="roofline"`). Layers a table lacks are
-measured (or estimated) when first asked for.
+`runtime`: torch eager, onnxruntime with each layer exported alone to ONNX, or ExecuTorch with each
+layer lowered alone to XNNPACK, since a table timed in one runtime mispredicts another where
+per-node overhead differs), or from a device profile's calibrated roofline for devices not at hand
+(`source="roofline"`). Layers a table lacks are measured (or estimated) when first asked for.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from ..apps.errors import UserError
 from .timing import call_times
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "executorch")
 LAYER = re.compile(r"^(conv_in|time_embedding|conv_norm_out|conv_out|mid_block|"
                    r"(down|up)_blocks\.\d+\.(resnets|attentions|downsamplers|upsamplers)\.\d+)$")
 
@@ -138,16 +138,39 @@ def onnxruntime_times(module: torch.nn.Module, args: tuple, kwargs: dict, runs: 
     return call_times(lambda: session.run(None, feed), runs)
 
 
+def executorch_times(module: torch.nn.Module, args: tuple, kwargs: dict, runs: int) -> list[float]:
+    """ms of `runs` calls of `module(*args, **kwargs)` lowered alone to ExecuTorch's XNNPACK delegate, traced as
+    the ExecuTorch export traces it (attention as explicit matmuls), and run by ExecuTorch's runtime."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from ..export.components import quiet_tracing
+    from ..export.executorch import classic_attention, partitioner
+
+    call = _TensorsOnly(module, args, kwargs).eval()
+    with torch.no_grad(), classic_attention(call), quiet_tracing():
+        exported = torch.export.export(call, tuple(call.tensors))
+        buffer = to_edge_transform_and_lower(exported, partitioner=[partitioner("xnnpack")]).to_executorch().buffer
+    method = Runtime.get().load_program(buffer).load_method("forward")
+    return call_times(lambda: method.execute(call.tensors), runs)
+
+
+def torch_times(module: torch.nn.Module, args: tuple, kwargs: dict, runs: int) -> list[float]:
+    """ms of `runs` calls of `module(*args, **kwargs)` in torch eager."""
+    with torch.no_grad():
+        return call_times(lambda: module(*args, **kwargs), runs)
+
+
+TIMERS = {"torch": torch_times, "onnxruntime": onnxruntime_times, "executorch": executorch_times}
+
+
 def time_layer(call: Call, runs: int, runtime: str = "torch") -> float:
     """Best-of-`runs` ms of the layer alone on this machine's CPU, in `runtime`.
 
     Tables take the best of N: on a shared machine interference only ever adds time, so the
     minimum is the steadiest estimate of the work itself."""
     module, args, kwargs = _replayable(call)
-    if runtime == "onnxruntime":
-        return min(onnxruntime_times(module, args, kwargs, runs))
-    with torch.no_grad():
-        return min(call_times(lambda: module(*args, **kwargs), runs))
+    return min(TIMERS[runtime](module, args, kwargs, runs))
 
 
 @dataclass
@@ -160,7 +183,7 @@ class LatencyTable:
     glue: float = 1.0  # teacher's whole-model ms ÷ the sum of its layers' ms
     teacher_ms: float | None = None
     runs: int = 10
-    runtime: Literal["torch", "onnxruntime"] = "torch"  # what a measured table's times come from
+    runtime: Literal["torch", "onnxruntime", "executorch"] = "torch"  # what a measured table's times come from
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(vars(self), indent=1))
@@ -218,19 +241,16 @@ def unet_times(config: dict, latent: int, batch: int, runs: int, runtime: str = 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(config).eval()
     inputs = modelio.unet_example_inputs(config, latent, batch=batch, generator=torch.Generator().manual_seed(0))
-    if runtime == "onnxruntime":
-        return onnxruntime_times(unet, (), {**inputs, "return_dict": False}, runs)
-    with torch.no_grad():
-        return call_times(lambda: unet(**inputs), runs)
+    return TIMERS[runtime](unet, (), {**inputs, "return_dict": False}, runs)
 
 
 def build_table(config: dict, device: str = "host-cpu", latent: int | None = None, batch: int = 1,
                 runs: int = 10, runtime: str = "torch") -> LatencyTable:
     """A table holding every layer of the teacher `config`, with the glue factor from the teacher's own time.
 
-    `runtime` (host-cpu only): torch eager or onnxruntime, the runtime whose times the table holds."""
+    `runtime` (host-cpu only): torch eager, onnxruntime or ExecuTorch, the runtime whose times the table holds."""
     if runtime not in RUNTIMES:
-        raise UserError(f"runtime {runtime!r}: a latency table is timed in {' or '.join(RUNTIMES)}")
+        raise UserError(f"runtime {runtime!r}: a latency table is timed in {', '.join(RUNTIMES[:-1])} or {RUNTIMES[-1]}")
     latent = latent or config["sample_size"]
     source = "measured" if device == "host-cpu" else "roofline"
     if runtime != "torch" and source != "measured":

@@ -11,7 +11,7 @@ from pocketdiff.apps import modelio
 from pocketdiff.apps.errors import UserError
 from pocketdiff.compress import oneshot
 from pocketdiff.compress.blocks import build_student, teacher_plan
-from pocketdiff.compress.prune import calibration_batches, prune_to_target
+from pocketdiff.compress.prune import calibration_batches, prune_to_target, prune_units
 from tests.conftest import three_stage_config, tiny_unet_config
 
 
@@ -163,11 +163,36 @@ def test_cli_prune_to_target_and_its_errors(three_stage_pipeline, sd15_unet_fold
         ((str(three_stage_pipeline / "unet"), "--target", "macs=0.5"), "the distortion criterion samples the teacher pipeline"),
         ((str(three_stage_pipeline), "--target", "latency=0.5", "--criterion", "random", "--latency-table",
           str(tmp_path / "missing.json")), "not a latency table"),
-        ((str(three_stage_pipeline), "--target", "params=0.5", "--preset", "bk-small"), "prune needs either --preset"),
+        ((str(three_stage_pipeline), "--target", "params=0.5", "--preset", "bk-small"), "prune needs --preset"),
+        ((str(three_stage_pipeline), "--remove", "mid_block,up_blocks.1.atentions"), "'up_blocks.1.atentions' is not a"),
+        ((str(three_stage_pipeline), "--preset", "bk-small", "--remove", "mid_block"),
+         "mid_block cannot go after bk-small: it is gone already"),
         ((str(three_stage_pipeline), "--target", "params=0.5", "--criterion", "loudest"), "unknown criterion 'loudest'"),
     ]:
         result = prune(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_named_units_rebuild_a_target_runs_architecture_and_go_on_top_of_a_preset(three_stage_pipeline, tmp_path):
+    ref = modelio.open_model(three_stage_pipeline)
+    chosen = prune_to_target(ref, oneshot.Target("params", 0.6), tmp_path / "target", criterion="magnitude")
+    named = prune_units(ref, chosen["removed_units"], tmp_path / "named")
+    assert named["plan"] == chosen["plan"] and named["removed"] == chosen["removed"]
+    a, b = (UNet2DConditionModel.from_pretrained(tmp_path / name / "unet") for name in ("target", "named"))
+    assert (tmp_path / "target/unet/config.json").read_text() == (tmp_path / "named/unet/config.json").read_text()
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    teacher = UNet2DConditionModel.from_pretrained(three_stage_pipeline / "unet")
+    report = prune_units(ref, ["down_blocks.1.attentions", "up_blocks.1.attentions"], tmp_path / "bk", "bk-small")
+    student = UNet2DConditionModel.from_pretrained(tmp_path / "bk" / "unet")
+    assert list(student.config.down_block_types) == ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]
+    assert list(student.config.up_block_types) == ["UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]
+    assert student.config.layers_per_block == 1 and student.config.mid_block_type is None
+    assert report["preset"] == "bk-small" and sum(p.numel() for p in student.parameters()) == report["params_after"]
+    assert {"down_blocks.1.attentions.0", "up_blocks.1.attentions.0", "mid_block"} <= set(report["removed"])
+    assert torch.equal(student.up_blocks[2].attentions[1].proj_in.weight, teacher.up_blocks[2].attentions[2].proj_in.weight)
+    with pytest.raises(UserError, match="down_blocks.0.attentions cannot go after the teacher, down_blocks.0.attentions"):
+        prune_units(ref, ["down_blocks.0.attentions"] * 2, tmp_path / "twice")
 
 
 def test_sdxl_architecture_prunes_to_a_target(tmp_path):
@@ -183,13 +208,16 @@ def test_sdxl_architecture_prunes_to_a_target(tmp_path):
     assert sum(p.numel() for p in pruned.parameters()) == report["params_after"]
 
 
-def test_prune_stage_takes_a_target_or_a_preset_not_both():
+def test_prune_stage_takes_a_target_or_a_preset_and_named_units():
     from pocketdiff.apps.recipe import parse_recipe
 
     head = "name: p\nmodel: default\nstages:\n  - prune: "
     assert parse_recipe(head + "{target: macs=0.6, criterion: magnitude}\n", "p.yaml").stages[0].config.target == "macs=0.6"
-    for body, message in [("{preset: bk-small, target: params=0.5}", "give either preset or target"),
-                          ("{criterion: random}", "give either preset or target"),
+    named = parse_recipe(head + "{preset: bk-small, remove: [down_blocks.1.attentions]}\n", "p.yaml").stages[0].config
+    assert named.remove == ["down_blocks.1.attentions"]
+    for body, message in [("{preset: bk-small, target: params=0.5}", "give preset and/or remove, or else target"),
+                          ("{remove: [mid_block], target: params=0.5}", "give preset and/or remove, or else target"),
+                          ("{criterion: random}", "give preset and/or remove, or else target"),
                           ("{target: latency=2}", "write params=R, macs=R or latency=R")]:
         with pytest.raises(UserError, match=message):
             parse_recipe(head + body + "\n", "p.yaml")

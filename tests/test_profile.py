@@ -245,8 +245,29 @@ def test_an_onnxruntime_table_runs_every_layer_in_onnxruntime(three_stage_pipeli
     assert 0 < table.predict(preset_config(config, "bk-small")) < table.predict(config)
     with pytest.raises(UserError, match="timed on this machine \\(device host-cpu\\), not galaxy-s24"):
         build_table(config, "galaxy-s24", runtime="onnxruntime")
-    with pytest.raises(UserError, match="runtime 'tvm': a latency table is timed in torch or onnxruntime"):
+    with pytest.raises(UserError, match="runtime 'tvm': a latency table is timed in torch, onnxruntime or executorch"):
         build_table(config, runtime="tvm")
+
+
+def test_an_executorch_table_lowers_every_layer_to_xnnpack(monkeypatch):
+    from executorch.runtime import Runtime
+
+    from pocketdiff.devices.lookup import build_table
+    from tests.conftest import tiny_unet_config
+
+    programs = []
+    load_program = Runtime.load_program
+
+    def counted(self, data, **kwargs):
+        programs.append(len(data))
+        return load_program(self, data, **kwargs)
+
+    monkeypatch.setattr(Runtime, "load_program", counted)
+    config = tiny_unet_config()
+    table = build_table(config, batch=2, runs=3, runtime="executorch")
+    assert table.runtime == "executorch" and table.predict(config) == pytest.approx(table.teacher_ms)
+    assert len(programs) == len(table.entries) + 1  # each layer alone, and the whole UNet for the glue factor
+    assert 0 < table.predict({**config, "mid_block_type": None}) < table.predict(config)
 
 
 def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):

@@ -141,17 +141,13 @@ def onnxruntime_times(module: torch.nn.Module, args: tuple, kwargs: dict, runs: 
 def executorch_times(module: torch.nn.Module, args: tuple, kwargs: dict, runs: int) -> list[float]:
     """ms of `runs` calls of `module(*args, **kwargs)` lowered alone to ExecuTorch's XNNPACK delegate, traced as
     the ExecuTorch export traces it (attention as explicit matmuls), and run by ExecuTorch's runtime."""
-    from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
 
-    from ..export.components import quiet_tracing
-    from ..export.executorch import classic_attention, partitioner
+    from ..export.executorch import lower
 
     call = _TensorsOnly(module, args, kwargs).eval()
-    with torch.no_grad(), classic_attention(call), quiet_tracing():
-        exported = torch.export.export(call, tuple(call.tensors))
-        buffer = to_edge_transform_and_lower(exported, partitioner=[partitioner("xnnpack")]).to_executorch().buffer
-    method = Runtime.get().load_program(buffer).load_method("forward")
+    program = lower(call, tuple(call.tensors))  # kept while the method runs: the runtime reads it without a copy
+    method = Runtime.get().load_program(program).load_method("forward")
     return call_times(lambda: method.execute(call.tensors), runs)
 
 

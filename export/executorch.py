@@ -158,21 +158,26 @@ def classic_attention(module: torch.nn.Module):
                 del layer.get_attention_scores
 
 
+def lower(module: torch.nn.Module, args: tuple, backends: tuple[str, ...] = ("xnnpack",)) -> bytes:
+    """The ExecuTorch program of `module(*args)`, attention traced as explicit matmuls, lowered to `backends`."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    with classic_attention(module), quiet_tracing():
+        exported = torch.export.export(module, args)
+        program = to_edge_transform_and_lower(exported, partitioner=[partitioner(b) for b in backends])
+        return program.to_executorch().buffer
+
+
 def export_component(component: Component, folder: Path, precision: str, backends: tuple[str, ...] = ("xnnpack",),
                      calibration: list[tuple] | None = None, quantization: tuple[dict, dict] | None = None,
                      **_) -> Path:
     """Write `<folder>/model.pte` and `io.json` for one component; return the program's path."""
-    from executorch.exir import to_edge_transform_and_lower
-
     check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
     args = tuple(component.inputs.values())
     module = quantize_int8(component, calibration, quantization) if precision == "int8" else component.module
     try:
-        with classic_attention(module), quiet_tracing():
-            exported = torch.export.export(module, args)
-            program = to_edge_transform_and_lower(exported, partitioner=[partitioner(b) for b in backends])
-            buffer = program.to_executorch().buffer
+        buffer = lower(module, args, backends)
     except UserError:
         raise
     except Exception as err:  # lowering errors name the op that failed; keep that line

@@ -17,7 +17,7 @@ from rich.table import Table
 
 import pocketdiff
 
-from .errors import UserError
+from ..errors import UserError
 
 app = typer.Typer(help="Compress text-to-image diffusion models and ship them to phones.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -280,6 +280,8 @@ def export_(model: ModelArg,
             workers: Annotated[int, typer.Option(help="Processes exporting components side by side (each loads the model).")] = 1,
             chunk_unet: Annotated[bool, typer.Option(help="Core ML: the UNet as UnetChunk1 + UnetChunk2, as Swift loads large UNets on iOS.")] = False,
             coreml_attention: Annotated[str, typer.Option(help="Core ML UNet attention: original, split_einsum (Apple's Neural Engine layout) or split_einsum_v2 (its queries in chunks).")] = "original",
+            guidance: Annotated[float, typer.Option(help="Guidance of the image check; a guidance-distilled student's Core ML UNet has it folded in.")] = 7.5,
+            unet_batch_one: Annotated[bool, typer.Option(help="Core ML: a batch-one UNet, called twice per guided step (Apple's --unet-batch-one).")] = False,
             allow_pickle: AllowPickle = False):
     """Export every component to ONNX (optimum's layout), ExecuTorch (.pte) or Core ML (Swift layout), checked against PyTorch."""
     from pydantic import ValidationError
@@ -288,7 +290,8 @@ def export_(model: ModelArg,
     from ..export.parity import ParityThresholds
 
     fields = {"to": to.split(","), "precision": precision, "executorch_backends": executorch_backends.split(","),
-              "workers": workers, "chunk_unet": chunk_unet, "coreml_attention": coreml_attention}
+              "workers": workers, "chunk_unet": chunk_unet, "coreml_attention": coreml_attention, "guidance": guidance,
+              "unet_batch_one": unet_batch_one}
     if components:
         fields["components"] = components.split(",")
     limits = {"max_abs_fp32": max_abs}

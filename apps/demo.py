@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 ORT_WEB = "onnxruntime-web@1.23.0"
 WEB = Path(__file__).parent / "web"

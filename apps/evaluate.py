@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..distill import data
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_JUDGE = Path(__file__).resolve().parent / "zoo" / "judge"
 PROMPT_SEED = 7

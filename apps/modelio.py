@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..stockformat import make_stock_pipeline
+from ..errors import UserError
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "zoo" / "default"
 RANDOM_WEIGHTS_NOTE = "random weights: architecture only"
@@ -143,7 +144,8 @@ def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu", quantized: 
 
 
 def copy_pipeline_except(source: Path, out: Path, component: str) -> None:
-    """model_index.json and every component folder it names but `component`, which the caller writes anew."""
+    """model_index.json and every component folder it names but `component`, which the caller writes anew;
+    text encoders in the form stock loaders of transformers 4 and 5 both read (`stockformat`)."""
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
@@ -151,13 +153,14 @@ def copy_pipeline_except(source: Path, out: Path, component: str) -> None:
     for name, spec in _read_json(source / "model_index.json").items():
         if name != component and isinstance(spec, list) and spec[0] and (source / name).is_dir():
             shutil.copytree(source / name, out / name, dirs_exist_ok=True)
-
+    make_stock_pipeline(out)
 
 
 def save_pipeline_with(source: Path, out: Path, component: str, model) -> None:
     """A pipeline folder at `out`: `model` (safetensors) as `component`, every other component from `source`."""
     copy_pipeline_except(source, out, component)
     model.save_pretrained(out / component, safe_serialization=True)
+
 
 def _random_components(path: Path) -> dict:
     """Components that have a config but no weights, instantiated from the config."""

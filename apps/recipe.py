@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class RecipeHeader(BaseModel):

@@ -21,7 +21,7 @@ import torch
 from ..devices.macs import census_model
 from . import modelio
 from .charts import latency_chart, quality_chart
-from .errors import UserError
+from ..errors import UserError
 from .page import Details, Figure, Section, Table, write_page
 from .runner import read_manifest
 

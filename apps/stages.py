@@ -20,7 +20,7 @@ from ..distill.kd import KDConfig
 from ..distill.steps import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
-from .errors import UserError
+from ..errors import UserError
 from .runner import StageContext, StageResult
 
 

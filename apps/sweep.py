@@ -22,7 +22,7 @@ from rich.console import Console
 
 from ..devices.macs import census_model
 from . import modelio
-from .errors import UserError
+from ..errors import UserError
 from .page import Figure, Section, Table, write_page
 from .recipe import Recipe, load_recipe, stage_folder_name
 from .report import SETTING, read_run

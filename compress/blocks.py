@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 PRESETS = ("bk-base", "bk-small", "bk-tiny")
 # Config fields holding one value per stage, in down-block order (up blocks read them reversed).

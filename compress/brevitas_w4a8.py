@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 SCHEME = "W4A8: per-channel symmetric 4-bit weights, per-tensor symmetric int8 activations (brevitas)"
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..devices.macs import count
 from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, depth_left, instantiate, mapped_student, shapes,
                      teacher_depths, teacher_plan)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..devices.macs import census_model
 from . import oneshot
 from .blocks import Plan, build_student, preset_plan, remove_blocks, teacher_plan

@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..apps.runner import hash_model_folder
 from ..distill.kd import Taps, block_pairs, feature_term
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared

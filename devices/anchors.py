@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 SD15_UNET = {  # diffusers' published config of runwayml/stable-diffusion-v1-5's UNet
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,

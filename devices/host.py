@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .macs import block_name
 from .timing import call_times
 

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .timing import call_times
 
 RUNTIMES = ("torch", "onnxruntime", "executorch")

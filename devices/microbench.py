@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 
 def _best_seconds(fn, repeats: int = 5) -> float:

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from . import host
 from .profiles import load_profile
 

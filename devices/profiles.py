@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 DTYPES = ("fp32", "fp16", "int8")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 WORKDIR = "/data/local/tmp/pocketdiff"
 RUNNERS = {"executorch": "executor_runner", "onnxruntime": "onnxruntime_perf_test"}

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .anchors import anchor
 from .opcount import Op, unet_ops
 from .profiles import DeviceProfile, load_profile

@@ -22,7 +22,7 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..apps.runner import hash_model_folder
 from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..apps.runner import hash_model_folder
 from . import data
 from .conditions import caption_ids

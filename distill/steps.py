@@ -36,7 +36,7 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..apps.runner import hash_model_folder
 from . import latents as latent_data
 from .conditions import TextConditions, frozen_teacher, map_conditions

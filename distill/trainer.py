@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 
 class TrainConfig(BaseModel):

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from ..apps.runner import hash_model_folder
 from . import data
 from . import latents as latent_data

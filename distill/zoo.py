@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from ..stockformat import make_stock_pipeline
 from . import data, tokenizer
 from .conditions import token_ids
 from .latents import encode_images
@@ -206,6 +207,7 @@ def train_default(out: Path, config: DefaultTrainConfig, work: Path | None = Non
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    make_stock_pipeline(out)  # fp16 files that load as float32 under transformers 4 and 5 alike
     for name in ("vocab.json", "merges.txt"):  # CLIP's own files, which Apple's Swift tokenizer reads
         shutil.copy(work / "tokenizer" / name, out / "tokenizer" / name)
     record = {"config": config.model_dump(), "train_images": len(train), "timings": timings,

@@ -12,32 +12,11 @@ from pathlib import Path
 
 import regex
 
-from ..apps.errors import UserError
 from ..distill.tokenizer import byte_symbols
+from ..stockformat import vocab_and_merges
 
 _PATTERN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
                          regex.IGNORECASE)
-
-
-def vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """From CLIP's `vocab.json` + `merges.txt`, or from `tokenizer.json` (what transformers 5 saves)."""
-    folder = Path(folder)
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        return json.loads((folder / "vocab.json").read_text(encoding="utf-8")), merges
-    if (folder / "tokenizer.json").exists():
-        model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
-        return model["vocab"], [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
-    raise UserError(f"{folder}: no CLIP tokenizer files (vocab.json + merges.txt, or tokenizer.json)")
-
-
-def write_vocab_and_merges(folder: Path, dest: Path) -> None:
-    """CLIP's two files, the form Apple's Swift tokenizer reads, whatever form `folder` holds."""
-    vocab, merges = vocab_and_merges(folder)
-    (Path(dest) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (Path(dest) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                           encoding="utf-8")
 
 
 class ClipBPE:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 EXAMPLE_SEED = 1234

@@ -1,16 +1,22 @@
 """Core ML export in the resource layout and I/O contract of Apple's Swift `StableDiffusion` package.
 
 `<out>/Resources/{TextEncoder,Unet,VAEDecoder,VAEEncoder}.mlpackage` plus `vocab.json` and
-`merges.txt`; on macOS each package is also compiled to the `.mlmodelc` the Swift package loads.
-Names, shapes and dtypes follow apple/ml-stable-diffusion: the text encoder takes float32
-`input_ids` (1, 77) and returns `last_hidden_state` and `pooled_outputs`; the UNet takes `sample`,
-a per-batch float32 `timestep` and `encoder_hidden_states` in the (B, dim, 1, 77) layout and
-returns `noise_pred`; the decoder takes `z`, the encoder Apple's image-to-image inputs. Unlike
-Apple's converter this one takes mid-block-less UNets (BK-SDM small/tiny) and keeps an LCM
-student's guidance embedding as a `timestep_cond` input. Swift apps scale latents by SD's 0.18215
-(SDXL's 0.13025 when they run an XL pipeline); our VAE wrappers fold in the model's own scaling
-factor against that, so any VAE works unchanged. An SDXL pipeline adds `TextEncoder2` and both
-encoders return `hidden_embeds` and `pooled_outputs`, the names Swift's `TextEncoderXL` reads.
+`merges.txt`, with `SWIFT.md` (the Swift pipeline options that run it) and `compile.sh` (the
+`xcrun coremlcompiler` calls that make the `.mlmodelc` Swift loads; on macOS the export runs
+them itself). The contract is apple/ml-stable-diffusion's Swift package at commit e12202c
+(`swift/StableDiffusion/pipeline/`, cited by file and line where each rule is applied):
+the text encoder takes float32 `input_ids` (1, 77) and returns `last_hidden_state`; the UNet takes
+`sample`, a per-batch float32 `timestep` and `encoder_hidden_states` in the (B, dim, 1, 77) layout
+and returns `noise_pred`; the decoder takes `z`, the encoder one image and returns the Gaussian's
+8-channel moments. Every output is float32: the package reads them as Float32, and float16
+outputs crash on its minimum OS (iOS 16 / macOS 13). Unlike Apple's converter this one takes
+mid-block-less UNets (BK-SDM small/tiny) and guidance-distilled students: the package feeds no
+`timestep_cond`, so the student's guidance embedding is folded into the UNet as a constant and the
+UNet runs at batch one (Swift then runs it unguided, guidance scale below 1). Swift apps scale
+latents by SD's 0.18215 (SDXL's 0.13025 when they run an XL pipeline); our VAE wrappers fold in the
+model's own scaling factor against that, so any VAE works unchanged. An SDXL pipeline adds
+`TextEncoder2` and both encoders return `hidden_embeds` and `pooled_outputs`, the names Swift's
+`TextEncoderXL` reads.
 
 A UNet quantized by `pocketdiff quantize` ships as trained: coreml-w8a8 as its int8 graph
 (int8 weights in `constexpr_affine_dequantize`, int8 activations as quantize/dequantize pairs,
@@ -33,11 +39,13 @@ import numpy as np
 import torch
 
 from ..apps import modelio
-from ..apps.errors import UserError
+from ..errors import UserError
 from . import unet_chunks
-from .clip_bpe import write_vocab_and_merges
+from ..stockformat import write_vocab_and_merges
 from .components import Component, UNet, quiet_tracing, require_saved_int8, saved_int8_unet
+from .runtime import guidance_embedding
 from .split_einsum import QUERY_CHUNK, split_einsum_unet
+from .swift_notes import write_swift_notes
 
 DEFAULT_PRECISION = "fp16"
 INT8_BACKENDS = ("coreml-w8a8",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
@@ -74,29 +82,64 @@ class TextEncoder(torch.nn.Module):
         return (out.hidden_states[-2] if self.sdxl else out.last_hidden_state), pooled
 
 
+class FoldedCondition(torch.nn.Module):
+    """A UNet's time embedding with its condition fixed: a guidance-distilled student's guidance scale,
+    which the Swift package has no input for (no `timestep_cond` anywhere in `swift/`)."""
+
+    def __init__(self, embedding, condition: torch.Tensor):
+        super().__init__()
+        self.embedding = embedding
+        self.register_buffer("condition", condition)
+
+    def forward(self, sample, condition=None):
+        return self.embedding(sample, self.condition.expand(sample.shape[0], -1))
+
+
+def fold_guidance(unet, guidance: float):
+    """A copy of a guidance-distilled `unet` that runs at `guidance` with no guidance input, and that constant."""
+    import copy
+
+    condition = torch.from_numpy(guidance_embedding(guidance, unet.config.time_cond_proj_dim))
+    folded = copy.deepcopy(unet)
+    folded.time_embedding = FoldedCondition(folded.time_embedding, condition)
+    return folded, condition
+
+
 class Unet(UNet):
     """Apple's UNet I/O: (B,) timesteps and (B, dim, 1, tokens) text states; SDXL's `text_embeds` and
-    `time_ids` and LCM's `timestep_cond` as further (B, ...) inputs under those names."""
+    `time_ids` as further (B, ...) inputs under those names. `source`: the UNet as saved, and `constants`
+    the conditions folded into `unet` (in the order the saved UNet takes them after the fed ones)."""
+
+    def __init__(self, unet, extra: tuple[str, ...], source=None, constants: tuple[torch.Tensor, ...] = ()):
+        super().__init__(unet, extra)
+        self.source, self.constants = source if source is not None else unet, constants
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         return super().forward(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)
 
 
 class Int8Unet(torch.nn.Module):
-    """The saved int8 graph behind Apple's UNet I/O (the graph takes the text states as (B, tokens, dim))."""
+    """The saved int8 graph behind Apple's UNet I/O (the graph takes the text states as (B, tokens, dim)),
+    folded conditions passed as constants."""
 
-    def __init__(self, graph):
+    def __init__(self, graph, constants: tuple[torch.Tensor, ...] = ()):
         super().__init__()
         self.int8 = graph  # not `graph`: the exported program's own graph module has that attribute
+        for i, value in enumerate(constants):
+            self.register_buffer(f"constant_{i}", value)
+        self.count = len(constants)
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        return self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)
+        constants = [getattr(self, f"constant_{i}").expand(sample.shape[0], -1) for i in range(self.count)]
+        return self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra, *constants)
 
 
 def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> Int8Unet:
     sample, timestep, states, *extra = component.inputs.values()
-    return Int8Unet(saved_int8_unet("Core ML", INT8_BACKENDS, component.module.unet,
-                                    (sample, timestep, states.squeeze(2).transpose(1, 2), *extra), quantization))
+    constants = tuple(c.expand(sample.shape[0], -1) for c in component.module.constants)
+    graph = saved_int8_unet("Core ML", INT8_BACKENDS, component.module.source,
+                            (sample, timestep, states.squeeze(2).transpose(1, 2), *extra, *constants), quantization)
+    return Int8Unet(graph, component.module.constants)
 
 
 def _pack_palette(model, quantization: tuple[dict, dict] | None):
@@ -121,24 +164,27 @@ class VAEDecoder(torch.nn.Module):
 
 
 class VAEEncoder(torch.nn.Module):
-    """Image → noised latent for image-to-image, as Swift's `Encoder` calls it (noise passed in)."""
+    """Image in [-1, 1] → the 8-channel moments Swift's `Encoder` samples (Encoder.swift:69-89: mean, log-variance
+    clamped to [-30, 20], latent = N(mean, exp(logvar / 2)) × its scale factor). The moments are rescaled so
+    that Swift's factor (SD's 0.18215) gives the latent this VAE's own factor gives."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, swift_scale: float):
         super().__init__()
-        self.vae = vae
+        self.vae, self.rescale = vae, vae.config.scaling_factor / swift_scale
 
-    def forward(self, sample, diagonal_noise, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod):
-        moments = self.vae.encode(sample).latent_dist.parameters
-        mean, logvar = moments.chunk(2, dim=1)
-        latent = (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * diagonal_noise) * self.vae.config.scaling_factor
-        return sqrt_alphas_cumprod * latent + sqrt_one_minus_alphas_cumprod * noise
+    def forward(self, x):
+        mean, logvar = self.vae.encode(x).latent_dist.parameters.chunk(2, dim=1)
+        shift = 2.0 * torch.log(torch.tensor(self.rescale))
+        return torch.cat([mean * self.rescale, logvar.clamp(-30.0, 20.0) + shift], dim=1)
 
 
-def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | None = None) -> Component:
+def adapt(component: Component, pipe, ref: modelio.ModelRef, config) -> Component:
     """Re-wrap one of our components with the Swift package's names, layouts and dtypes.
 
-    The UNet runs at batch two (guidance on) unless it embeds guidance (an LCM-style student,
-    which Swift runs unguided at batch one) or `unet_batch` says otherwise.
+    The UNet's batch is what Swift reads from its `sample` input (StableDiffusionPipeline.swift:287):
+    two for one classifier-free-guidance call per step, one for two calls (`config.unet_batch_one`,
+    Apple's `--unet-batch-one`) or for a guidance-distilled student, whose guidance embedding is folded
+    in at `config.guidance` and which Swift runs unguided (guidance scale below 1: one batch-one call).
     """
     inputs = component.inputs
     sdxl = modelio.is_sdxl(pipe)
@@ -146,28 +192,23 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, unet_batch: int | N
         return Component(component.name, TextEncoder(getattr(pipe, component.name), sdxl).eval(),
                          {"input_ids": inputs["input_ids"].float()},
                          ["hidden_embeds" if sdxl else "last_hidden_state", "pooled_outputs"])
+    swift_scale = SWIFT_SCALE_XL if sdxl else SWIFT_SCALE
     if component.name == "unet":
-        unet = pipe.unet if pipe is not None else component.module.unet
-        config = dict(unet.config)
-        unet_batch = unet_batch or (1 if config.get("time_cond_proj_dim") else 2)
+        source = pipe.unet if pipe is not None else component.module.unet
+        unet, extra, constants = source, component.module.extra, ()  # extra: SDXL's text_embeds, time_ids
+        if source.config.get("time_cond_proj_dim"):
+            unet, condition = fold_guidance(source, config.guidance)
+            extra, constants = tuple(name for name in extra if name != "timestep_cond"), (condition,)
+        unet_batch = 1 if config.unet_batch_one or constants else 2
         repeat = lambda t: t[:1].repeat(unet_batch, *([1] * (t.dim() - 1)))  # noqa: E731
         swift = {"sample": repeat(inputs["sample"]), "timestep": torch.full((unet_batch,), 501.0),
                  "encoder_hidden_states": repeat(inputs["encoder_hidden_states"]).transpose(1, 2).unsqueeze(2).contiguous()}
-        extra = component.module.extra  # SDXL's text_embeds, time_ids; LCM's timestep_cond
         swift.update({name: repeat(inputs[name]) for name in extra})
-        return Component("unet", Unet(unet, extra).eval(), swift, ["noise_pred"])
+        return Component("unet", Unet(unet, extra, source, constants).eval(), swift, ["noise_pred"])
     if component.name == "vae_decoder":
-        return Component("vae_decoder", VAEDecoder(pipe.vae, SWIFT_SCALE_XL if sdxl else SWIFT_SCALE).eval(),
-                         {"z": inputs["latent_sample"]}, ["image"])
-    factor = modelio.vae_scale_factor(ref)
-    image = inputs["sample"]
-    latent = (1, pipe.vae.config.latent_channels, image.shape[2] // factor, image.shape[3] // factor)
-    generator = torch.Generator().manual_seed(0)
-    return Component("vae_encoder", VAEEncoder(pipe.vae).eval(),
-                     {"sample": image, "diagonal_noise": torch.randn(latent, generator=generator),
-                      "noise": torch.randn(latent, generator=generator),
-                      "sqrt_alphas_cumprod": torch.full((1, 1), 0.8), "sqrt_one_minus_alphas_cumprod": torch.full((1, 1), 0.6)},
-                     ["latent"])
+        return Component("vae_decoder", VAEDecoder(pipe.vae, swift_scale).eval(), {"z": inputs["latent_sample"]},
+                         ["image"])
+    return Component("vae_encoder", VAEEncoder(pipe.vae, swift_scale).eval(), {"x": inputs["sample"]}, ["latent"])
 
 
 def _quiet_coremltools():
@@ -198,7 +239,7 @@ def _convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: 
             exported, convert_to="mlprogram",
             minimum_deployment_target=ct.target.iOS17 if precision == "int8" else ct.target.iOS16,
             inputs=[ct.TensorType(name=n, shape=tuple(v.shape), dtype=np.float32) for n, v in inputs.items()],
-            outputs=[ct.TensorType(name=n) for n in outputs],
+            outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],  # Swift reads Float32
             compute_precision=ct.precision.FLOAT32 if precision == "fp32" else ct.precision.FLOAT16)
     return _pack_palette(model, quantization)
 
@@ -210,7 +251,8 @@ def _parts(component: Component, precision: str, quantization, chunked: bool,
         if precision == "int8":
             raise UserError("split-einsum attention rewrites a float UNet; the int8 graph ships as it was trained")
         unet = split_einsum_unet(component.module.unet, QUERY_CHUNK if attention == "split_einsum_v2" else None)
-        component = Component("unet", Unet(unet, component.module.extra).eval(), component.inputs, component.outputs)
+        component = Component("unet", Unet(unet, component.module.extra, component.module.source,
+                                           component.module.constants).eval(), component.inputs, component.outputs)
     if chunked:
         if precision == "int8":
             raise UserError("Core ML UNet chunking takes a float or palettized UNet; the int8 graph is one program")
@@ -270,12 +312,13 @@ def _operations(block) -> Counter:
 
 
 def _declared(path: Path, name: str) -> dict:
-    """A package's declared I/O (inputs must be float32, as Swift feeds them), op census, weight dtypes."""
+    """A package's declared I/O (float32 both ways, as Swift feeds and reads them), op census, weight dtypes."""
     ct = _quiet_coremltools()
     spec = ct.utils.load_spec(str(path))
     float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
-    if any(i.type.multiArrayType.dataType != float32 for i in spec.description.input):
-        raise UserError(f"Core ML {name}: inputs must be float32 for the Swift package")
+    for side, features in (("inputs", spec.description.input), ("outputs", spec.description.output)):
+        if any(f.type.multiArrayType.dataType != float32 for f in features):
+            raise UserError(f"Core ML {name}: {side} must be float32 for the Swift package")
     ops, weight_types = Counter(), Counter()
     for function in spec.mlProgram.functions.values():
         for block in function.block_specializations.values():
@@ -340,11 +383,13 @@ def load(path: Path):
     return CoreMLModel(path) if platform.system() == "Darwin" else None
 
 
-def write_layout(ref: modelio.ModelRef, out: Path, _names: list[str]) -> None:
-    """The tokenizer files beside the models; on macOS also the compiled `.mlmodelc` Swift loads."""
+def write_layout(ref: modelio.ModelRef, out: Path, _names: list[str], config) -> None:
+    """The tokenizer files beside the models, `SWIFT.md`, `swift.json` and `compile.sh`; on macOS also the
+    compiled `.mlmodelc` Swift loads."""
     resources = out / "Resources"
     if (ref.path / "tokenizer").is_dir():
         write_vocab_and_merges(ref.path / "tokenizer", resources)
+    write_swift_notes(ref, out, config.guidance, config.unet_batch_one)
     if platform.system() == "Darwin":
         ct = _quiet_coremltools()
         for package in sorted(resources.glob("*.mlpackage")):

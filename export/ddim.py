@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 
 def alphas_cumprod(config: dict) -> np.ndarray:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .components import Component, quiet_tracing
 from .exporter import write_optimum_layout
 from .runtime import ExecuTorchModel
@@ -194,7 +194,7 @@ def load(path: Path):
     return ExecuTorchModel(path)
 
 
-def write_layout(ref, out: Path, names: list[str]) -> None:
+def write_layout(ref, out: Path, names: list[str], _config) -> None:
     write_optimum_layout(ref, out, names)
 
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..apps import modelio
 from . import parity
-from .clip_bpe import write_vocab_and_merges
+from ..stockformat import write_vocab_and_merges
 from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
 
 Format = Literal["onnx", "executorch", "coreml"]
@@ -40,16 +40,20 @@ class ExportConfig(BaseModel):
     executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1)
     prompts: list[str] = Field(default_factory=lambda: ["red apple", "rocket"], min_length=1)
     steps: int = Field(4, ge=1)
+    # the image check's guidance; a guidance-distilled student's Core ML UNet runs at it (Swift feeds no guidance input)
     guidance: float = Field(7.5, ge=0)
     thresholds: parity.ParityThresholds = Field(default_factory=parity.ParityThresholds)
     workers: int = Field(1, ge=1)  # processes exporting components side by side; each holds its own copy of the model
     chunk_unet: bool = False  # Core ML: the UNet as UnetChunk1 + UnetChunk2 (Swift's layout for large UNets on iOS)
     # Core ML: the UNet's attention as converted; split_einsum is Apple's Neural Engine layout (see split_einsum.py)
     coreml_attention: Literal["original", "split_einsum", "split_einsum_v2"] = "original"
+    # Core ML: a batch-one UNet that Swift calls twice per guided step (Apple's --unet-batch-one); students always are
+    unet_batch_one: bool = False
 
     @model_validator(mode="after")
     def core_ml_options_need_its_unet(self):
-        for option, asked in (("chunk_unet", self.chunk_unet), ("coreml_attention", self.coreml_attention != "original")):
+        for option, asked in (("chunk_unet", self.chunk_unet), ("coreml_attention", self.coreml_attention != "original"),
+                              ("unet_batch_one", self.unet_batch_one)):
             if asked and ("coreml" not in self.to or "unet" not in self.components):
                 raise ValueError(f"{option} is a Core ML UNet option: export the unet to coreml")
         return self
@@ -151,7 +155,7 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
     size = trace_latent_size(modelio.unet_config(ref)) if dynamic else None
     (component,) = model_components(ref, pipe, (name,), size)
     if hasattr(module, "adapt"):
-        component = module.adapt(component, pipe, ref)
+        component = module.adapt(component, pipe, ref, config)
     began = time.perf_counter()
     quantization = read_quantization(ref) if name == "unet" else None
     extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
@@ -242,7 +246,7 @@ def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
     names = list(entries)
     report = {"format": fmt, "precision": precision_for(fmt, ref, config), "model": str(ref.path),
               "components": entries}
-    module.write_layout(ref, out, names)
+    module.write_layout(ref, out, names, config)
     if ref.kind == "pipeline" and module.RUNS_PIPELINE and {"text_encoder", "unet", "vae_decoder"} <= set(names):
         from .lcm import LCM
         from .runtime import ExportedPipeline

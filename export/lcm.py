@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .ddim import alphas_cumprod, x0_and_eps
 
 

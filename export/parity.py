@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 
 class ParityThresholds(BaseModel):

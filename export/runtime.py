@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .clip_bpe import ClipBPE
 from .ddim import DDIM
 from .lcm import LCM
@@ -160,9 +160,13 @@ class ExportedPipeline:
         return self.conditions("")
 
     def __call__(self, prompts: list[str], steps: int, guidance: float, seed: int = 0,
-                 latents: np.ndarray | None = None) -> np.ndarray:
+                 latents: np.ndarray | None = None, noise: list | None = None) -> np.ndarray:
+        """uint8 images, prompt i from `latents[i]` (else its seeded noise). `noise[i]`: the source of the noise
+        an LCM sampler adds between steps (anything with numpy's `standard_normal(shape, dtype=)`, so another
+        runtime's draws can be replayed); by default numpy's generator seeded [seed + i, 1]."""
         return np.stack([self._one(p, steps, guidance, latents[i] if latents is not None else
-                                   self.initial_latents(1, seed + i)[0], np.random.default_rng([seed + i, 1]))
+                                   self.initial_latents(1, seed + i)[0],
+                                   noise[i] if noise is not None else np.random.default_rng([seed + i, 1]))
                          for i, p in enumerate(prompts)])
 
     def _unet(self, batch: dict[str, np.ndarray], t) -> np.ndarray:

@@ -23,7 +23,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from ..apps.errors import UserError
+from ..errors import UserError
 
 QUERY_CHUNK = 512  # SPLIT_EINSUM_V2's query chunk, Apple's: long sequences (high resolutions) in ANE-sized pieces
 

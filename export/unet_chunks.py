@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..apps.errors import UserError
+from ..errors import UserError
 from .components import unet_conditions
 
 HIDDEN, TIME = "hidden_states", "time_embedding"  # not `sample`: the first chunk's outputs must not shadow the UNet's inputs

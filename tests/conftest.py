@@ -163,6 +163,28 @@ def image_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lcm_student(tiny_pipeline, image_folder, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny pipeline LCM-distilled for 30 steps: a few-step student with guidance in its weights, and its report."""
+    from pocketdiff.apps import modelio
+    from pocketdiff.distill.steps import StepDistillConfig, distill_steps
+
+    out = tmp_path_factory.mktemp("lcm") / "student"
+    config = StepDistillConfig(steps=30, batch=8, lr=1e-3, data=str(image_folder), checkpoint_every=3, log_every=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POCKETDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+        report = distill_steps(modelio.open_model(tiny_pipeline), config, out)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def compat_python() -> str:
+    """The python of the transformers 4 / optimum environment (`tests/compat/`), built on first use."""
+    from tests.stockcheck import compat_python as build
+
+    return build()
+
+
+@pytest.fixture(scope="session")
 def quick_judge(tmp_path_factory) -> Path:
     """A judge trained for a few steps on 64 images: real weights, real interface, no quality."""
     from pocketdiff.distill.judge import train_judge

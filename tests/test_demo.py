@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from pocketdiff.apps.demo import check_export, demo_noise, headless_generate, make_server
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.export import parity
 from pocketdiff.export.runtime import ExportedPipeline
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pocketdiff.apps.evaluate import frechet_distance, load_judge, prompt_set, score
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 
 
 def test_frechet_distance_closed_forms():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pocketdiff.apps import modelio
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.export.exporter import ExportConfig, export_model
 
 from tests.conftest import CAPTIONS, SDXL_STYLE, tiny_unet_config
@@ -279,7 +279,8 @@ def test_coreml_takes_midblockless_and_guidance_embedded_unets(tmp_path):
     lcm = _unet_folder(tmp_path, "lcm", time_cond_proj_dim=16)
     report = export_model(modelio.open_model(lcm), ExportConfig(to=["coreml"]), tmp_path / "b", log=lambda _: None)
     inputs = report["coreml"]["components"]["unet"]["inputs"]
-    assert inputs["timestep_cond"] == [1, 16] and inputs["sample"][0] == 1  # guidance-free student: batch one
+    # Swift feeds no guidance input: the student's guidance is folded in, and it runs unguided at batch one
+    assert "timestep_cond" not in inputs and inputs["sample"][0] == 1
 
 
 @pytest.mark.parametrize("query_chunk", [None, 24])  # 24: the 64 queries of the outer stage in 24 + 24 + 16
@@ -344,10 +345,10 @@ def test_unet_chunks_compute_the_unet(tmp_path, overrides):
         overrides.update(down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                          up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
     ref = modelio.open_model(_unet_folder(tmp_path, "unet", **overrides))
-    unet = modelio.load_unet(ref)
     (component,) = model_components(ref, None, ("unet",), None)
-    component = coreml.adapt(component, None, ref)
-    (first, first_inputs, names), (second, second_inputs, outputs) = unet_chunks.chunks(unet, component.inputs)
+    component = coreml.adapt(component, None, ref, ExportConfig())
+    chunks = unet_chunks.chunks(component.module.unet, component.inputs)  # a student's with its guidance folded in
+    (first, first_inputs, names), (second, second_inputs, outputs) = chunks
     with torch.no_grad():
         handed = {**component.inputs, **dict(zip(names, first(*first_inputs.values())))}  # as Swift merges them
         chunked = second(*(handed[name] for name in second_inputs))
@@ -389,8 +390,7 @@ def test_coreml_unet_ships_in_two_chunks_swift_runs_in_turn(tmp_path):
     resources = tmp_path / "out" / "coreml" / "Resources"
     assert sorted(p.name for p in resources.glob("*.mlpackage")) == ["UnetChunk1.mlpackage", "UnetChunk2.mlpackage"]
     first, second = entry["chunks"].values()
-    assert entry["inputs"] == {"sample": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 32, 1, 77],
-                               "timestep_cond": [1, 16]}
+    assert entry["inputs"] == {"sample": [1, 4, 8, 8], "timestep": [1], "encoder_hidden_states": [1, 32, 1, 77]}
     assert first["inputs"] == list(entry["inputs"]) and second["outputs"] == ["noise_pred"] == entry["outputs"]
     assert set(second["inputs"]) <= set(first["outputs"]) | set(entry["inputs"])
     assert entry["bytes"] == first["bytes"] + second["bytes"]
@@ -475,7 +475,7 @@ def test_coreml_sdxl_text_encoders_follow_swifts_xl_contract(sdxl_export, tmp_pa
     pipe = modelio.load_pipeline(ref)
     (decoder,) = model_components(ref, pipe, ("vae_decoder",))
     # Swift apps scale an XL pipeline's latents by 0.13025: the package undoes that, then the VAE's own scale
-    assert coreml.adapt(decoder, pipe, ref).module.rescale == pytest.approx(0.13025 / pipe.vae.config.scaling_factor)
+    assert coreml.adapt(decoder, pipe, ref, ExportConfig()).module.rescale == pytest.approx(0.13025 / pipe.vae.config.scaling_factor)
 
 
 def test_sdxl_second_text_encoder_is_profiled_counted_and_estimated(sdxl_export, tiny_pipeline):

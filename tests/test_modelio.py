@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pocketdiff.apps import modelio
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from tests.conftest import tiny_unet_config
 
 

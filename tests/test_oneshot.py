@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from pocketdiff.apps import modelio
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.compress import oneshot
 from pocketdiff.compress.blocks import build_student, teacher_plan
 from pocketdiff.compress.prune import calibration_batches, prune_to_target, prune_units

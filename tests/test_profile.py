@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pocketdiff.apps import modelio
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.devices import remote
 from pocketdiff.devices.anchors import SD15_UNET
 from pocketdiff.devices.host import _PeakMemory

@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from pocketdiff.apps import modelio
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.compress.blocks import preset_config, remove_blocks
 from pocketdiff.compress.prune import prune_preset
 from tests.conftest import three_stage_config, tiny_unet_config

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pocketdiff.apps import modelio
 from pocketdiff.apps.cli import app
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.compress.quantize import QuantizedUNet, QuantizeConfig, load_quantized_unet, quantize
 from pocketdiff.export.components import unet_component
 

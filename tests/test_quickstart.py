@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from pocketdiff.apps.runner import read_manifest
+from tests.stockcheck import assert_stock_generates_ours, assert_transformers_4_generates_ours
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_quickstart_recipe_runs_and_resumes(tmp_path):
+def test_quickstart_recipe_runs_and_resumes(tmp_path, compat_python):
     command = ["pocketdiff", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--runs", str(tmp_path)]
     subprocess.run(command, check=True, capture_output=True, text=True)
     run_dir = tmp_path / "quickstart"
@@ -53,6 +54,10 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path):
     for stage, runtime, bound in (("11-profile", "onnxruntime", 1.5), ("12-profile", "executorch", 4.0)):
         profiled = manifests[stage]["metrics"]
         assert profiled["unet/median_ms"] > 0 and 0 < profiled["unet/roofline_efficiency"] < bound, runtime
+    # every folder a stage wrote loads with plain `from_pretrained` on transformers 5 and 4, and draws our image
+    written = {name: run_dir / name for name in ("03-prune", "05-kd", "07-step-distill", "09-quantize")}
+    assert_stock_generates_ours(written)
+    assert_transformers_4_generates_ours(compat_python, written, tmp_path / "transformers-4")
     page = (run_dir / "report" / "report.html").read_text()
     assert all(name in page for name in stages) and "CPUExecutionProvider" in page
     assert re.search(r"xnnpack \d+", page)  # the op-coverage row of the ExecuTorch profile: ops XNNPACK took

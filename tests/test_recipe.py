@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.apps.recipe import load_recipe, parse_recipe
 from pocketdiff.apps.stages import STAGES, EvaluateConfig, GenerateConfig
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.apps.runner import read_manifest
 from pocketdiff.apps.sweep import pareto_front, parse_vary
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from rich.console import Console
 
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.apps.recipe import parse_recipe
 from pocketdiff.apps.runner import hash_model_folder, read_manifest, run_recipe
 

@@ -11,7 +11,7 @@ from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedul
                        UNet2DConditionModel)
 
 from pocketdiff.apps import modelio
-from pocketdiff.apps.errors import UserError
+from pocketdiff.errors import UserError
 from pocketdiff.distill import latents, steps
 from pocketdiff.distill.steps import StepDistillConfig, distill_steps
 from pocketdiff.distill.zoo import scheduler_config
@@ -128,13 +128,6 @@ def test_guided_teacher_is_classifier_free_guidance():
     with torch.no_grad():
         cond, uncond = unet(x, t, text).sample, unet(x, t, empty).sample
     assert torch.allclose(eps, uncond + g.view(-1, 1, 1, 1) * (cond - uncond), atol=1e-4)  # batched vs apart
-
-
-@pytest.fixture(scope="module")
-def lcm_student(tiny_pipeline, image_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lcm") / "student"
-    report = distill_steps(modelio.open_model(tiny_pipeline), _config(image_folder, steps=30), out)
-    return out, report
 
 
 def test_lcm_trains_and_stock_diffusers_samples_it_with_one_unet_call_per_step(lcm_student):

@@ -80,7 +80,7 @@ def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
-    from pocketdiff.apps.errors import UserError
+    from pocketdiff.errors import UserError
 
     model, loss_fn, batch_for = _problem()
     Trainer(model, loss_fn, batch_for, _config(steps=3), tmp_path, identity={"teacher": "a", "lr": 1}).run()

@@ -13,7 +13,7 @@ from pocketdiff.distill.zoo import DefaultTrainConfig, train_default
 
 
 def _generate(folder, prompts, steps, guidance=7.5):
-    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # as a user types it: no dtype
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="np").images

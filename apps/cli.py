@@ -36,7 +36,7 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Accept .bin/.
 
 
 def _open(model: str, allow_pickle: bool = False):
-    from . import modelio
+    from .. import modelio
 
     ref = modelio.open_model(model, allow_pickle)
     if ref.random_weights:
@@ -216,14 +216,14 @@ def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for 
     from .generate import labelled_grid, save_images
 
     if backend == "torch":
-        from . import modelio
+        from ..compress.quantize import load_shipped_pipeline
         from .generate import generate_images
 
         if etdump:
             from ..export.runtime import ETDUMP_NEEDS_EXECUTORCH
 
             raise UserError(ETDUMP_NEEDS_EXECUTORCH)
-        pipe = modelio.load_pipeline(_open(model, allow_pickle), quantized=True)
+        pipe = load_shipped_pipeline(_open(model, allow_pickle))
         images = generate_images(pipe, prompt, steps, guidance, seed)
     else:
         from ..export.runtime import ExportedPipeline
@@ -252,7 +252,7 @@ def evaluate(model: ModelArg = "default",
     """Judge scores: prompt score, Fréchet distance and caption retrieval, with the real images as ceiling."""
     from pydantic import ValidationError
 
-    from . import modelio
+    from ..compress.quantize import load_shipped_pipeline
     from .evaluate import load_judge
     from .stages import EvaluateConfig, evaluate_model
 
@@ -262,7 +262,7 @@ def evaluate(model: ModelArg = "default",
                                 guidance=[float(g) for g in guidance.split(",")])
     except (ValueError, ValidationError) as err:
         raise UserError(f"evaluate: {str(err).splitlines()[0]}") from None
-    pipe = modelio.load_pipeline(_open(model), quantized=True)
+    pipe = load_shipped_pipeline(_open(model))
     results = evaluate_model(pipe, load_judge(config.judge), config, seed, log=console.print)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
@@ -572,7 +572,7 @@ def estimate(model: ModelArg,
     from ..devices.profiles import load_profile
     from ..devices.roofline import estimate_model
 
-    from . import modelio
+    from .. import modelio
 
     ref = _open(model)
     latent = None

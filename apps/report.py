@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import modelio
+from ..compress.quantize import load_shipped_pipeline
 from ..devices.macs import census_model
-from . import modelio
-from .charts import latency_chart, quality_chart
 from ..errors import UserError
+from ..charts import latency_chart, quality_chart
 from .page import Details, Figure, Section, Table, write_page
 from .runner import read_manifest
 
@@ -155,7 +156,7 @@ def _images_section(records: list[StageRecord], out: Path, log) -> Section:
         rows = []
         for label, folder, steps in models:
             log(f"report: sampling {label} ({steps} steps) for the image grid …")
-            pipe = modelio.load_pipeline(modelio.open_model(str(folder)), quantized=True)
+            pipe = load_shipped_pipeline(modelio.open_model(str(folder)))
             rows.append((f"{label}, {steps} step{'s' if steps > 1 else ''}", generate_images(pipe, prompts, steps, guidance, seed)))
         model_grid(rows, prompts).save(path)
     caption = (f"Each row one model, each column one prompt (seed {seed} + column), guidance {guidance:g}; "

@@ -22,12 +22,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import modelio
+from .. import modelio
+from ..folderhash import LOG, MANIFEST, hash_model_folder
 from .recipe import Recipe, stage_folder_name
 
-MANIFEST = "manifest.json"
-LOG = "log.txt"
-_MODEL_SUFFIXES = {".json", ".safetensors", ".txt", ".bin"}
 _VERSIONED = ("pocketdiff", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch",
               "coremltools", "nncf", "brevitas", "accelerate")
 
@@ -61,20 +59,6 @@ class StageContext:
 class StageResult:
     metrics: dict = field(default_factory=dict)
     produced_model: bool = False
-
-
-def hash_model_folder(path: Path) -> str:
-    """sha256 over a model folder's configs and weights (not manifests, stage logs or checkpoints)."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
-        relative = file.relative_to(path)
-        if file.name in (MANIFEST, LOG) or relative.parts[0] == "checkpoint" or file.suffix not in _MODEL_SUFFIXES:
-            continue
-        digest.update(str(relative).encode())
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def config_hash(stage: str, config: dict, seed: int) -> str:

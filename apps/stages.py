@@ -14,13 +14,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..compress.quantize import QuantizeConfig
+from ..compress.quantize import QuantizeConfig, load_shipped_pipeline
 from ..devices.profile import ProfileConfig
 from ..distill.kd import KDConfig
 from ..distill.steps import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
 from ..errors import UserError
+from ..progress import progress_bar
 from .runner import StageContext, StageResult
 
 
@@ -146,11 +147,9 @@ def run_quantize(config: QuantizeConfig, ctx: StageContext) -> StageResult:
 def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
     import time
 
-    from . import modelio
     from .generate import generate_images, labelled_grid, sampling_calls, save_images
-    from .progress import progress_bar
 
-    pipe = modelio.load_pipeline(ctx.model, quantized=True)
+    pipe = load_shipped_pipeline(ctx.model)
     began = time.perf_counter()
     with progress_bar("generate", sampling_calls(len(config.prompts), config.steps)) as advance:
         images = generate_images(pipe, config.prompts, config.steps, config.guidance, ctx.seed, on_step=advance)
@@ -165,7 +164,6 @@ def evaluate_model(pipe, judge, config: EvaluateConfig, seed: int, log=print) ->
     """Scores of the real images (the ceiling) and of the model at every steps × guidance setting."""
     from .evaluate import prompt_set, score
     from .generate import generate_images, sampling_calls
-    from .progress import progress_bar
 
     splits = ["validation", "train"] if config.split == "both" else [config.split]
     total = len(splits) * len(config.guidance) * sum(sampling_calls(config.prompts, steps) for steps in config.steps)
@@ -190,10 +188,9 @@ def _fmt(scores: dict) -> str:
 
 
 def run_evaluate(config: EvaluateConfig, ctx: StageContext) -> StageResult:
-    from . import modelio
     from .evaluate import load_judge
 
-    results = evaluate_model(modelio.load_pipeline(ctx.model, quantized=True), load_judge(config.judge), config, ctx.seed,
+    results = evaluate_model(load_shipped_pipeline(ctx.model), load_judge(config.judge), config, ctx.seed,
                              log=ctx.console.print)
     ctx.out.mkdir(parents=True, exist_ok=True)
     (ctx.out / "scores.json").write_text(json.dumps(results, indent=2))

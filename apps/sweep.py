@@ -20,8 +20,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..charts import pareto_chart
 from ..devices.macs import census_model
-from . import modelio
+from .. import modelio
 from ..errors import UserError
 from .page import Figure, Section, Table, write_page
 from .recipe import Recipe, load_recipe, stage_folder_name
@@ -162,8 +163,6 @@ def run_sweep(recipe_path: Path, vary: list[str], runs_root: Path = Path("runs")
 
 def write_sweep(sweep_dir: Path, rows: list[dict], recipe_path: Path, vary: list[str]) -> list[Path]:
     """sweep.json, sweep.csv, pareto.png and the sweep page (HTML and Markdown) in the sweep folder."""
-    from .charts import pareto_chart
-
     fronts = {cost: pareto_front(rows, cost) for cost in ("latency_ms", "unet_params")}
     for row in rows:
         row["front_latency"] = row["variant"] in fronts["latency_ms"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.generate import generate_images, labelled_grid
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model

@@ -33,7 +33,7 @@ def child(model: str, fmt: str, precision: str, out: Path, repeats: int) -> dict
 
     warnings.simplefilter("ignore")
 
-    from pocketdiff.apps import modelio
+    from pocketdiff import modelio
     from pocketdiff.devices.timing import median_seconds
     from pocketdiff.export.components import model_components
     from pocketdiff.export.exporter import ExportConfig, export_model

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.compress.prune import prune_preset

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
-from pocketdiff.compress.quantize import QuantizeConfig, quantize
+from pocketdiff.compress.quantize import QuantizeConfig, load_shipped_pipeline, quantize
 from pocketdiff.export.components import model_components
 from pocketdiff.export.exporter import ExportConfig, export_model
 from unet_speedups import session_times  # beside this script
@@ -93,7 +93,7 @@ def main() -> None:
 
     for name, row in rows.items():
         ref = modelio.open_model(row["folder"])
-        pipe = modelio.load_pipeline(ref, quantized=True)
+        pipe = load_shipped_pipeline(ref)
         row["scores"] = evaluate_model(pipe, judge, evaluation, seed=0, log=lambda _: None)[key]
         out = work / args.backend / "exports" / name.replace(" ", "_").replace(",", "")
         exported = export_model(ref, ExportConfig(to=[fmt], components=["unet"]),  # as the format ships it

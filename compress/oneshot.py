@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
 from ..devices.macs import count
 from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, depth_left, instantiate, mapped_student, shapes,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
 from ..devices.macs import census_model
 from . import oneshot

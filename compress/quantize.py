@@ -32,9 +32,9 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
-from ..apps.runner import hash_model_folder
+from ..folderhash import hash_model_folder
 from ..distill.kd import Taps, block_pairs, feature_term
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged, unshared
 from . import brevitas_w4a8, palettize, pt2e_int8, sensitivity
@@ -372,3 +372,13 @@ def load_quantized_unet(ref: modelio.ModelRef) -> torch.nn.Module | None:
     if found[0]["backend"] == W4A8:
         return brevitas_w4a8.rebuild(modelio.load_unet(ref), *found)
     return QuantizedUNet(modelio.load_unet(ref), *found)
+
+
+def load_shipped_pipeline(ref: modelio.ModelRef):
+    """The pipeline with a quantized folder's UNet as its int8 graph, not the float weights stock diffusers
+    loads: what samples images to judge them calls this, so it measures what ships."""
+    pipe = modelio.load_pipeline(ref)
+    int8 = load_quantized_unet(ref)
+    if int8 is not None:
+        pipe.unet = int8
+    return pipe

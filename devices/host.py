@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import modelio
 from ..errors import UserError
 from .macs import block_name
 from .timing import call_times
@@ -112,9 +113,7 @@ def default_batch(folder: Path, component: str) -> int:
     """What the pipeline feeds per call: a guided teacher's UNet sees the prompt and the empty prompt."""
     if component != "unet":
         return 1
-    from ..apps.modelio import unet_batch
-
-    return unet_batch(json.loads((folder / "config.json").read_text()))
+    return modelio.unet_batch(json.loads((folder / "config.json").read_text()))
 
 
 def example_feed(shapes: dict[str, list], types: dict[str, str], sizes: dict[str, int], seed: int = 0) -> dict:
@@ -164,8 +163,6 @@ def _measure(backend: str, target: str, component: str, runs: int, warmup: int, 
         return profile_executorch(path, component, runs, warmup)
     if backend == "coreml":
         return profile_coreml(path, component, runs, warmup)
-    from ..apps import modelio
-
     return profile_torch(modelio.open_model(target), component, runs, warmup, batch, threads)
 
 
@@ -311,7 +308,6 @@ def etdump_breakdown(dump: Path, backends: list[str]) -> tuple[list[dict], dict]
 def profile_torch(ref, component: str, runs: int, warmup: int, batch: int | None, threads: int | None) -> Measurement:
     import torch
 
-    from ..apps import modelio
     from ..export.components import model_components, unet_component
 
     if threads:

@@ -28,6 +28,7 @@ from typing import Literal
 
 import torch
 
+from .. import modelio
 from ..errors import UserError
 from .timing import call_times
 
@@ -220,8 +221,6 @@ class LatencyTable:
     def _calls(self, config: dict) -> list[Call]:
         from diffusers import UNet2DConditionModel
 
-        from ..apps import modelio
-
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
             inputs = modelio.unet_example_inputs(config, self.latent, batch=self.batch, device="meta")
@@ -231,8 +230,6 @@ class LatencyTable:
 def unet_times(config: dict, latent: int, batch: int, runs: int, runtime: str = "torch") -> list[float]:
     """ms of each of `runs` calls of the whole UNet (random weights) on this machine's CPU, in `runtime`."""
     from diffusers import UNet2DConditionModel
-
-    from ..apps import modelio
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(config).eval()

@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from .. import modelio
 
 
 @dataclass
@@ -121,8 +122,6 @@ def text_encoder_from_config(config_folder) -> torch.nn.Module:
 def census_model(ref, resolution: int | None = None, unet_only: bool = False) -> list[Census]:
     """Counts for each network of a model folder (UNet; text encoders and VAE halves for a pipeline)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from ..apps import modelio
 
     factor = modelio.vae_scale_factor(ref)
     config = modelio.unet_config(ref)

@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from .. import modelio
 from .macs import block_name, text_encoder_from_config
 
 # Not views by schema, but no runtime moves data for them (a reshape result, autograd plumbing).
@@ -125,8 +126,6 @@ def record_ops(module: torch.nn.Module, run) -> list[Op]:
 def unet_ops(config: dict, latent: int, batch: int = 1) -> list[Op]:
     """The ops of one call of a UNet built from `config` (meta device) on a `latent`×`latent` sample."""
     from diffusers import UNet2DConditionModel
-
-    from ..apps import modelio
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)

@@ -17,6 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import modelio
+from ..charts import profile_chart
 from ..errors import UserError
 from . import host
 from .profiles import load_profile
@@ -111,8 +113,6 @@ def profile(target: Path | str, config: ProfileConfig, log=print) -> dict:
     else:
         measurements = []
         if config.backend == "torch":
-            from ..apps import modelio
-
             target = modelio.open_model(str(target)).path  # 'default' names the embedded model
         for component in config.components:
             file = target if config.backend == "torch" else component_file(target, config.backend, component)
@@ -131,8 +131,6 @@ def profile(target: Path | str, config: ProfileConfig, log=print) -> dict:
 
 def write_report(report: dict, out: Path) -> list[Path]:
     """`profile.json` and `profile.png` (per-op and per-block bars) in `out`."""
-    from ..apps.charts import profile_chart
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "profile.json").write_text(json.dumps(report, indent=2))
     profile_chart(report, out / "profile.png")

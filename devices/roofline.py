@@ -16,6 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import modelio
 from ..errors import UserError
 from .anchors import anchor
 from .opcount import Op, unet_ops
@@ -114,8 +115,6 @@ def estimate(ops: list[Op], profile: DeviceProfile, unit: str | None = None, dty
 
 def model_shapes(ref, component: str, batch: int | None = None, latent: int | None = None) -> tuple[Path, dict]:
     """The config folder and input shapes of one call of `component` of a model folder, as its pipeline calls it."""
-    from ..apps import modelio
-
     known = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
     if component not in known:
         raise UserError(f"unknown component {component!r} (known: {', '.join(known)})")

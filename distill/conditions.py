@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..apps.modelio import is_sdxl
+from ..modelio import is_sdxl
 
 ID_KEYS = ("ids", "ids_2")  # the batch keys of each text encoder's token ids
 

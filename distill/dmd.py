@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..apps.runner import hash_model_folder
+from ..folderhash import hash_model_folder
 from . import data
 from .conditions import TextConditions, caption_ids
-from .latents import _digest, save_atomic
-from .steps import (GuidedTeacher, StepDistillConfig, _Batch, _col, _run, alpha_at, boundary_scalings, ddim_to,
+from .latents import digest_of, save_atomic
+from .steps import (GuidedTeacher, StepDistillConfig, BatchParts, as_column, train_round, alpha_at, boundary_scalings, ddim_to,
                     guidance_embedding, output_for, with_guidance_input, x0_and_eps)
 from .trainer import Trainer, epoch_batches
 
@@ -62,7 +62,7 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
 
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
     chosen = [captions[i] for i in order[:config.regression_pairs].tolist()]
-    key = _digest(hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
+    key = digest_of(hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
                   config.guidance_max, config.seed)
     path = data.cache_dir() / "pairs" / f"{key}.safetensors"
     if path.exists():
@@ -108,7 +108,7 @@ class DMDLoss:
         self.networks, self.alphas, self.final_alpha, self.config = networks, alphas, final_alpha, config
         self.prediction = pipe.scheduler.config.prediction_type
         self.teacher = GuidedTeacher(pipe.unet, self.prediction)
-        self.parts, self.pairs, self.chains = _Batch(pipe, config), pairs, chains
+        self.parts, self.pairs, self.chains = BatchParts(pipe, config), pairs, chains
         self.pick_pairs = epoch_batches(len(pairs), min(config.batch, len(pairs)), config.seed + 1)
         self.last: dict[str, torch.Tensor] = {"distribution": torch.tensor(0.0), "regression": torch.tensor(0.0)}
         unet_config = networks["generator"].config
@@ -137,7 +137,7 @@ class DMDLoss:
             t, t_next = chains[chain, j], chains[chain, j + 1]
             moved = ddim_to(self._generate(x, t, text, cond), torch.randn(shape, generator=generator, device=device),
                             self._alpha(t_next))
-            x = torch.where(_col(position > j), moved, x)
+            x = torch.where(as_column(position > j), moved, x)
         return x, chains[chain, position]
 
     def _fake_out(self, x, t, text, cond) -> torch.Tensor:
@@ -198,7 +198,7 @@ def train_dmd(pipe, teacher_folder: Path, student, latents, batch_for, alphas: t
     loss = DMDLoss(pipe, networks, alphas, final_alpha, pairs, chain_table(scheduler), config)
     train = config.train_config(config.steps, config.lr, config.ema_decay)
     trainer = Trainer(networks, loss, lambda step: {**batch_for(step), "step": step}, train, out, "dmd", identity)
-    figures = _run(trainer, pipe, out, 1)
+    figures = train_round(trainer, pipe, out, 1)
     weights = trainer.ema_state_dict()
     student.load_state_dict({k.removeprefix("generator."): v for k, v in weights.items() if k.startswith("generator.")})
     return {**figures, "regression_pairs": len(pairs)}

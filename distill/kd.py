@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
-from ..apps.runner import hash_model_folder
+from ..folderhash import hash_model_folder
 from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data
 from .conditions import TextConditions, frozen_teacher

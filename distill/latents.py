@@ -20,8 +20,9 @@ import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
+from .. import modelio
 from ..errors import UserError
-from ..apps.runner import hash_model_folder
+from ..folderhash import hash_model_folder
 from . import data
 from .conditions import caption_ids
 from .trainer import epoch_batches
@@ -98,7 +99,7 @@ def image_set(source: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
     return image_folder(Path(source), resolution)
 
 
-def _digest(*parts) -> str:
+def digest_of(*parts) -> str:
     digest = hashlib.sha256()
     for part in parts:
         digest.update(repr(part).encode())
@@ -144,7 +145,7 @@ def image_latents(pipe, vae_folder: Path, source: str, resolution: int) -> Laten
         return LatentSet(mean, std, captions)
 
     folder_id = source if source == "openmoji" else _files_digest(Path(source))
-    return _cached("images-" + _digest(hash_model_folder(vae_folder), folder_id, resolution), build)
+    return _cached("images-" + digest_of(hash_model_folder(vae_folder), folder_id, resolution), build)
 
 
 def teacher_latents(pipe, teacher_folder: Path, captions: list[str], steps: int, guidance: float, seed: int,
@@ -167,7 +168,7 @@ def teacher_latents(pipe, teacher_folder: Path, captions: list[str], steps: int,
 
     if not captions:
         raise UserError("data-free distillation needs at least one caption")
-    return _cached("teacher-" + _digest(hash_model_folder(teacher_folder), captions, steps, guidance, seed), build)
+    return _cached("teacher-" + digest_of(hash_model_folder(teacher_folder), captions, steps, guidance, seed), build)
 
 
 def read_captions(path: Path) -> list[str]:
@@ -179,8 +180,6 @@ def read_captions(path: Path) -> list[str]:
 
 def training_latents(pipe, teacher, settings: DataSettings, seed: int) -> LatentSet:
     """A distillation run's data: the teacher's samples of a captions file (data-free), else an image set."""
-    from ..apps import modelio
-
     if settings.captions:
         return teacher_latents(pipe, teacher.path, read_captions(Path(settings.captions)), settings.teacher_steps,
                                settings.teacher_guidance, seed)

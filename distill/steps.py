@@ -35,9 +35,9 @@ from typing import Literal
 import torch
 from pydantic import ConfigDict, Field, model_validator
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
-from ..apps.runner import hash_model_folder
+from ..folderhash import hash_model_folder
 from . import latents as latent_data
 from .conditions import TextConditions, frozen_teacher, map_conditions
 from .trainer import RunSettings, Trainer, last_logged
@@ -119,13 +119,13 @@ def with_guidance_input(unet, dim: int = GUIDANCE_DIM):
     return student.to(unet.device)
 
 
-def _col(values: torch.Tensor) -> torch.Tensor:
+def as_column(values: torch.Tensor) -> torch.Tensor:
     return values.view(-1, 1, 1, 1)
 
 
 def x0_and_eps(output: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean-sample and noise estimates from a UNet output in its parameterisation; `a` is ᾱ_t per sample."""
-    alpha, sigma = _col(a).sqrt(), _col(1 - a).sqrt()
+    alpha, sigma = as_column(a).sqrt(), as_column(1 - a).sqrt()
     if prediction == "epsilon":
         return (x - sigma * output) / alpha, output
     if prediction == "v_prediction":
@@ -136,7 +136,7 @@ def x0_and_eps(output: torch.Tensor, x: torch.Tensor, a: torch.Tensor, predictio
 
 def output_for(x0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str) -> torch.Tensor:
     """The UNet output, in its parameterisation, whose clean-sample estimate at x is `x0` (x0_and_eps inverted)."""
-    alpha, sigma = _col(a).sqrt(), _col(1 - a).sqrt()
+    alpha, sigma = as_column(a).sqrt(), as_column(1 - a).sqrt()
     if prediction == "epsilon":
         return (x - alpha * x0) / sigma
     if prediction == "v_prediction":
@@ -146,7 +146,7 @@ def output_for(x0: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: s
 
 def ddim_to(x0: torch.Tensor, eps: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM: the point at ᾱ_next on the line that (x̂0, ε̂) define."""
-    return _col(a_next).sqrt() * x0 + _col(1 - a_next).sqrt() * eps
+    return as_column(a_next).sqrt() * x0 + as_column(1 - a_next).sqrt() * eps
 
 
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
@@ -154,7 +154,7 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_dat
     scaled = t.float() * timestep_scaling
     c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
     c_out = scaled / (scaled ** 2 + sigma_data ** 2).sqrt()
-    return _col(c_skip), _col(c_out)
+    return as_column(c_skip), as_column(c_out)
 
 
 class GuidedTeacher:
@@ -175,11 +175,11 @@ class GuidedTeacher:
         out = self.unet(torch.cat([x, x]), torch.cat([t, t]), **both).sample.float()
         x0_c, eps_c = x0_and_eps(out[:len(x)], x, a, self.prediction)
         x0_u, eps_u = x0_and_eps(out[len(x):], x, a, self.prediction)
-        g = _col(guidance)
+        g = as_column(guidance)
         return x0_u + g * (x0_c - x0_u), eps_u + g * (eps_c - eps_u)
 
 
-class _Batch:
+class BatchParts:
     """The parts of a step both losses draw: text conditions, clean latents, guidance scales."""
 
     def __init__(self, pipe, config: StepDistillConfig):
@@ -203,7 +203,7 @@ class LCMLoss:
         self.student, self.config, self.alphas = student, config, alphas
         self.prediction = pipe.scheduler.config.prediction_type
         self.teacher = GuidedTeacher(pipe.unet, self.prediction)
-        self.parts = _Batch(pipe, config)
+        self.parts = BatchParts(pipe, config)
         k = len(alphas) // config.solver_steps
         self.grid = torch.arange(1, config.solver_steps + 1) * k - 1  # LCMScheduler's origin timesteps
         self.skip = k
@@ -246,7 +246,7 @@ class ProgressiveLoss:
         self.student, self.alphas, self.final_alpha = student, alphas, final_alpha
         self.prediction = student_prediction
         self.teacher = GuidedTeacher(teacher_unet, teacher_prediction)
-        self.parts = _Batch(pipe, config)
+        self.parts = BatchParts(pipe, config)
         self.stride = len(alphas) // student_steps
         self.grid = len(alphas) - 1 - self.stride * torch.arange(student_steps)  # DDIM "trailing" timesteps
 
@@ -263,8 +263,8 @@ class ProgressiveLoss:
         with torch.no_grad():
             x_mid = ddim_to(*self.teacher(x, t, a, text, empty, guidance), a_mid)
             x_end = ddim_to(*self.teacher(x_mid, t_mid, a_mid, text, empty, guidance), a_end)
-            ratio = _col((1 - a_end) / (1 - a)).sqrt()
-            x0_target = (x_end - ratio * x) / (_col(a_end).sqrt() - ratio * _col(a).sqrt())
+            ratio = as_column((1 - a_end) / (1 - a)).sqrt()
+            x0_target = (x_end - ratio * x) / (as_column(a_end).sqrt() - ratio * as_column(a).sqrt())
         cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
         out = self.student(x, t, **text, timestep_cond=cond).sample.float()
         x0 = x0_and_eps(out, x, a, self.prediction)[0]
@@ -326,7 +326,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
         train = config.train_config(config.steps, config.lr, config.target_decay)  # the EMA is LCM's target network
         trainer = Trainer(student, loss, batch_for, train, out, "lcm", identity)
         loss.target_weights = trainer.ema
-        rounds.append(_run(trainer, pipe, out, config.solver_steps))
+        rounds.append(train_round(trainer, pipe, out, config.solver_steps))
     elif config.method == "dmd":
         from .dmd import train_dmd
 
@@ -345,7 +345,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
                 train = config.train_config(config.steps, config.lr, config.ema_decay)
                 trainer = Trainer(student, loss, batch_for, train, folder, f"progressive → {n} steps",
                                   {**identity, "round": n})
-                rounds.append(_run(trainer, pipe, folder, n))
+                rounds.append(train_round(trainer, pipe, folder, n))
                 student.load_state_dict(trainer.ema_state_dict())
                 if processes.is_main_process:
                     student.save_pretrained(folder / "unet", safe_serialization=True)
@@ -365,7 +365,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
     return report
 
 
-def _run(trainer: Trainer, pipe, folder: Path, student_steps: int) -> dict:
+def train_round(trainer: Trainer, pipe, folder: Path, student_steps: int) -> dict:
     """Train with the frozen teacher parts on the trainer's device; the round's figures."""
     resumed_at = trainer.step
     for frozen in frozen_teacher(pipe):

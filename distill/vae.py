@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
-from ..apps.runner import hash_model_folder
+from ..folderhash import hash_model_folder
 from . import data
 from . import latents as latent_data
 from .trainer import RunSettings, Trainer, epoch_batches

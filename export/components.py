@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")

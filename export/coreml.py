@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..apps import modelio
+from .. import modelio
 from ..errors import UserError
 from . import unet_chunks
 from ..stockformat import write_vocab_and_merges

@@ -19,7 +19,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..apps import modelio
+from .. import modelio
+from ..progress import progress_bar
 from . import parity
 from ..stockformat import write_vocab_and_merges
 from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
@@ -216,8 +217,6 @@ def export_components(jobs: list[tuple[str, str]], ref: modelio.ModelRef, pipe, 
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from ..apps.progress import progress_bar
 
     entries = {}
     with progress_bar("export", len(jobs)) as advance:

@@ -123,7 +123,7 @@ def three_stage_pipeline(tiny_pipeline, tmp_path_factory) -> Path:
 def tiny_exports(tiny_pipeline, tmp_path_factory) -> dict:
     """The tiny pipeline exported once per session, two components at a time: ONNX (every component)
     and ExecuTorch (what its pipeline runs), each format's folder and report."""
-    from pocketdiff.apps import modelio
+    from pocketdiff import modelio
     from pocketdiff.export.exporter import ExportConfig, export_model
 
     ref, exports = modelio.open_model(tiny_pipeline), {"reports": {}}
@@ -165,7 +165,7 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lcm_student(tiny_pipeline, image_folder, tmp_path_factory) -> tuple[Path, dict]:
     """The tiny pipeline LCM-distilled for 30 steps: a few-step student with guidance in its weights, and its report."""
-    from pocketdiff.apps import modelio
+    from pocketdiff import modelio
     from pocketdiff.distill.steps import StepDistillConfig, distill_steps
 
     out = tmp_path_factory.mktemp("lcm") / "student"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 
 COMPAT = Path(__file__).parent / "compat"
 PROMPT = "red apple"

@@ -11,7 +11,7 @@ import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.distill import dmd, latents, steps
 from pocketdiff.distill.steps import distill_steps
 from pocketdiff.distill.zoo import scheduler_config

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.export.exporter import ExportConfig, export_model
 

@@ -4,7 +4,7 @@ import json
 import math
 import subprocess
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.devices.macs import block_name, census_model
 
 SDXL_UNET = {

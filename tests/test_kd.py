@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.compress.blocks import preset_plan, remove_blocks
 from pocketdiff.compress.prune import prune_preset

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from tests.conftest import tiny_unet_config
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.compress import oneshot
 from pocketdiff.compress.blocks import build_student, teacher_plan

@@ -10,10 +10,10 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline
 from typer.testing import CliRunner
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.apps.cli import app
 from pocketdiff.errors import UserError
-from pocketdiff.compress.quantize import QuantizedUNet, QuantizeConfig, load_quantized_unet, quantize
+from pocketdiff.compress.quantize import QuantizedUNet, QuantizeConfig, load_quantized_unet, load_shipped_pipeline, quantize
 from pocketdiff.export.components import unet_component
 
 SMALL = dict(prompts=4, check_prompts=2, sampling_steps=2, batch=4)
@@ -59,7 +59,7 @@ def test_quantized_folder_loads_in_stock_diffusers_and_runs_as_int8(ptq, tiny_pi
     assert 1e-3 < error < 0.3  # quantized for real, and still the same model
     again, *_ = _int8_and_float(folder)
     assert torch.equal(int8_out, again)  # the saved state rebuilds the same int8 graph every time
-    pipe = modelio.load_pipeline(modelio.open_model(folder), quantized=True)
+    pipe = load_shipped_pipeline(modelio.open_model(folder))
     assert isinstance(pipe.unet, QuantizedUNet)
     assert pipe(["red apple"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
@@ -169,7 +169,7 @@ def test_a_guidance_student_is_quantized_with_its_guidance_input(tiny_pipeline, 
     index = json.loads((folder / "model_index.json").read_text())
     (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "LCMScheduler"]}))
     quantize(modelio.open_model(folder), QuantizeConfig(**SMALL), tmp_path / "q", log=lambda _: None)
-    int8 = modelio.load_pipeline(modelio.open_model(tmp_path / "q"), quantized=True)
+    int8 = load_shipped_pipeline(modelio.open_model(tmp_path / "q"))
     image = int8(["rocket"], num_inference_steps=1, guidance_scale=7.5, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
     (shapes,) = int8.unet._graphs  # one call at batch 1, no guidance pair; the guidance embedding is an input
@@ -409,7 +409,7 @@ def test_brevitas_w4a8_saves_its_scales_and_exports_qcdq_that_onnxruntime_runs(t
     layers = [m for m in unet.modules() if isinstance(m, (qnn.QuantConv2d, qnn.QuantLinear))]
     assert len(layers) == sum(report["quantized_layers"].values()) > 0
     assert all(len(torch.unique(m.quant_weight().int()[0])) <= 16 for m in layers)  # 4-bit weights
-    pipe = modelio.load_pipeline(modelio.open_model(folder), quantized=True)
+    pipe = load_shipped_pipeline(modelio.open_model(folder))
     assert pipe(["rocket"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
 
     config = ExportConfig(to=["onnx"], components=["text_encoder", "unet", "vae_decoder"], steps=2,

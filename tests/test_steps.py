@@ -10,7 +10,7 @@ import torch
 from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.distill import latents, steps
 from pocketdiff.distill.steps import StepDistillConfig, distill_steps

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.export.parity import psnr
 from tests.stockcheck import (PROMPT, assert_stock_generates_ours, assert_transformers_4_generates_ours, elsewhere,
                               latents_for, ours, transformers_4_images)

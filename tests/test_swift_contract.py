@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.export import coreml
 from pocketdiff.export.exporter import ExportConfig, export_model
 from pocketdiff.export.parity import psnr

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from pocketdiff.apps import modelio
+from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.distill.latents import image_folder as read_folder
 from pocketdiff.distill.vae import SlimVAEConfig, distill_vae, fidelity, slim_config

@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from pocketdiff.apps.modelio import DEFAULT_MODEL
+from pocketdiff.modelio import DEFAULT_MODEL
 from pocketdiff.distill.zoo import DefaultTrainConfig, train_default
 
 

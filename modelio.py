@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..stockformat import make_stock_pipeline
-from ..errors import UserError
+from .stockformat import make_stock_pipeline
+from .errors import UserError
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "zoo" / "default"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "apps" / "zoo" / "default"  # shipped as the apps' package data
 RANDOM_WEIGHTS_NOTE = "random weights: architecture only"
 
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline"}
@@ -114,11 +114,10 @@ def load_unet(ref: ModelRef, device: str | torch.device = "cpu"):
     return unet.to(device).eval()
 
 
-def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu", quantized: bool = False):
-    """The whole pipeline in fp32, components without weights built from their configs.
-
-    `quantized`: a quantized folder's UNet runs as its int8 graph, not as the float weights stock
-    diffusers loads; what samples images to judge them asks for it, so it measures what ships."""
+def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu"):
+    """The whole pipeline in fp32, components without weights built from their configs (a quantized
+    folder's UNet as the float weights stock diffusers loads; `compress.quantize.load_shipped_pipeline`
+    runs its int8 graph)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -134,12 +133,6 @@ def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu", quantized: 
     except (OSError, ValueError, RuntimeError) as err:
         raise UserError(f"{ref.path}: cannot load pipeline ({str(err).splitlines()[0]})") from None
     pipe.set_progress_bar_config(disable=True)
-    if quantized:
-        from ..compress.quantize import load_quantized_unet
-
-        int8 = load_quantized_unet(ref)
-        if int8 is not None:
-            pipe.unet = int8
     return pipe.to(device)
 
 

@@ -116,7 +116,7 @@ def load_unet(ref: ModelRef, device: str | torch.device = "cpu"):
 
 def load_pipeline(ref: ModelRef, device: str | torch.device = "cpu"):
     """The whole pipeline in fp32, components without weights built from their configs (a quantized
-    folder's UNet as the float weights stock diffusers loads; `compress.quantize.load_shipped_pipeline`
+    folder's UNet as the float weights stock diffusers loads; `compress.saved.load_shipped_pipeline`
     runs its int8 graph)."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging

@@ -158,8 +158,6 @@ def prune(model: ModelArg,
           seed: Annotated[int, typer.Option(help="Seed of the random criterion.")] = 0,
           allow_pickle: AllowPickle = False):
     """Remove UNet blocks (a BK-SDM preset, named units, or one-shot to a target) and save a model stock diffusers loads."""
-    from rich.progress import track
-
     from ..compress.oneshot import parse_target
     from ..compress.prune import prune_preset, prune_to_target, prune_units
 
@@ -175,7 +173,6 @@ def prune(model: ModelArg,
         title = f"{preset}: removed {len(report['removed'])} layers"
     else:
         report = prune_to_target(ref, parse_target(target), out, criterion, prompt, steps, guidance, seed,
-                                 progress=lambda units: track(units, description="scoring units", console=console),
                                  device=device, table_file=latency_table, runtime=runtime)
         title = f"{target} by {criterion}: removed {len(report['removed_units'])} units"
         units = Table(title="units (score: relative output error when removed alone)")
@@ -216,7 +213,7 @@ def generate(prompt: Annotated[list[str], typer.Option(help="Prompt; repeat for 
     from .generate import labelled_grid, save_images
 
     if backend == "torch":
-        from ..compress.quantize import load_shipped_pipeline
+        from ..compress.saved import load_shipped_pipeline
         from .generate import generate_images
 
         if etdump:
@@ -252,7 +249,7 @@ def evaluate(model: ModelArg = "default",
     """Judge scores: prompt score, Fréchet distance and caption retrieval, with the real images as ceiling."""
     from pydantic import ValidationError
 
-    from ..compress.quantize import load_shipped_pipeline
+    from ..compress.saved import load_shipped_pipeline
     from .evaluate import load_judge
     from .stages import EvaluateConfig, evaluate_model
 
@@ -457,6 +454,7 @@ def quantize(model: ModelArg,
     """int8, palettized or W4A8 UNet for an export target, calibrated on MODEL's own trajectories, optionally trained (QAT). Resumes."""
     from pydantic import ValidationError
 
+    from ..compress.backends import BACKENDS
     from ..compress.quantize import QuantizeConfig, quantize as run_quantize
 
     try:
@@ -469,14 +467,7 @@ def quantize(model: ModelArg,
         raise UserError(f"quantize: {_first_error(err)}") from None
     report = run_quantize(_open(model), config, out, log=console.print)
     console.print(f"quantized pipeline: {out}  (UNet relative error {report['unet_relative_error']:.4f}; "
-                  f"{SHIPS[config.backend]}; report: {out / 'quantize_report.json'})")
-
-
-SHIPS = {"xnnpack": "ExecuTorch exports ship it as int8", "onnx-int8": "ONNX exports ship it as int8",
-         "coreml-w8a8": "Core ML exports ship it as int8",
-         "coreml-palette4": "Core ML exports ship it as 4-bit look-up tables",
-         "coreml-palette6": "Core ML exports ship it as 6-bit look-up tables",
-         "brevitas-w4a8": "ONNX exports ship it as W4A8 QCDQ"}  # what each backend is for
+                  f"{BACKENDS[config.backend].ships}; report: {out / 'quantize_report.json'})")
 
 
 def _first_error(err) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .. import modelio
-from ..compress.quantize import load_shipped_pipeline
+from ..compress.saved import load_shipped_pipeline
 from ..devices.macs import census_model
 from ..errors import UserError
 from ..charts import latency_chart, quality_chart

@@ -95,6 +95,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def seeded(config, seed: int):
+    """The stage's config with the recipe's seed wherever the config draws random numbers and the recipe did not
+    give the stage a seed of its own."""
+    if "seed" in type(config).model_fields and "seed" not in config.model_fields_set:
+        return config.model_copy(update={"seed": seed})
+    return config
+
+
 def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console | None = None) -> Path:
     """Execute the recipe's stages in order; returns the run folder."""
     from .stages import STAGES
@@ -106,7 +114,8 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console 
         console.print(modelio.RANDOM_WEIGHTS_NOTE)
     for index, spec in enumerate(recipe.stages, 1):
         out = run_dir / stage_folder_name(index, spec.name)
-        config = spec.config.model_dump(mode="json")
+        stage_config = seeded(spec.config, recipe.seed)
+        config = stage_config.model_dump(mode="json")
         expected = {"config_hash": config_hash(spec.name, config, recipe.seed),
                     "input_hash": hash_model_folder(model.path)}
         previous = read_manifest(out) or {}
@@ -130,7 +139,7 @@ def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console 
             logged = LoggedConsole(console, Console(file=log, width=120, no_color=True, highlight=False))
             logged.print(f"[bold]{out.name}[/bold] (attempt {manifest['attempt']})")
             try:
-                result = STAGES[spec.name].run(spec.config, StageContext(model, out, recipe.seed, logged))
+                result = STAGES[spec.name].run(stage_config, StageContext(model, out, recipe.seed, logged))
             except BaseException as err:
                 manifest.update(status="failed", error=f"{type(err).__name__}: {err}",
                                 wall_time_s=round(time.perf_counter() - began, 3), finished_at=_now())

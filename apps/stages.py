@@ -14,7 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..compress.quantize import QuantizeConfig, load_shipped_pipeline
+from ..compress.quantize import QuantizeConfig
+from ..compress.saved import load_shipped_pipeline
 from ..devices.profile import ProfileConfig
 from ..distill.kd import KDConfig
 from ..distill.steps import StepDistillConfig

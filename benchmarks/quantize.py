@@ -38,7 +38,8 @@ import numpy as np
 from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
-from pocketdiff.compress.quantize import QuantizeConfig, load_shipped_pipeline, quantize
+from pocketdiff.compress.quantize import QuantizeConfig, quantize
+from pocketdiff.compress.saved import load_shipped_pipeline
 from pocketdiff.export.components import model_components
 from pocketdiff.export.exporter import ExportConfig, export_model
 from unet_speedups import session_times  # beside this script

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..progress import tracked
+
 
 def extra_conditions(timestep_cond=None, added_cond_kwargs=None) -> list[torch.Tensor]:
     """A UNet call's conditions beyond sample, timestep and text, in the exported UNet's input order."""
@@ -36,7 +38,7 @@ def record_unet_inputs(pipe, prompts: list[str], steps: int, guidance: float) ->
     handle = pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for i, prompt in enumerate(prompts):
+            for i, prompt in tracked(enumerate(prompts), "recording UNet inputs", len(prompts)):
                 pipe([prompt], num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
                      generator=torch.Generator().manual_seed(i))
     finally:

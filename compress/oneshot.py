@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 
 from .. import modelio
 from ..errors import UserError
+from ..progress import tracked
 from ..devices.macs import count
 from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, depth_left, instantiate, mapped_student, shapes,
                      teacher_depths, teacher_plan)
@@ -188,7 +188,7 @@ def transformer_units(config: dict) -> list[Unit]:
     return units
 
 
-def distortion_scores(unet, units: list[Unit], batches: list[dict], progress: Callable = iter) -> dict[str, float]:
+def distortion_scores(unet, units: list[Unit], batches: list[dict]) -> dict[str, float]:
     """Output error of the UNet without each unit, relative to the teacher output's energy, over `batches`."""
     plan = teacher_plan(dict(unet.config))
     unet.eval()
@@ -196,7 +196,7 @@ def distortion_scores(unet, units: list[Unit], batches: list[dict], progress: Ca
     with torch.no_grad():
         reference = [unet(**batch).sample for batch in batches]
         energy = sum(float(r.square().sum()) for r in reference)
-        for unit in progress(units):
+        for unit in tracked(units, "scoring units"):
             student, _ = build_student(unet, unit.apply(plan))
             student.eval()
             error = sum(float((student(**b).sample - r).square().sum()) for b, r in zip(batches, reference))

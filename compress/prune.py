@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,7 +111,7 @@ def calibration_batches(ref: modelio.ModelRef, prompts: list[str], steps: int, g
 
 def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, criterion: str = "distortion",
                     prompts: list[str] | None = None, steps: int = 10, guidance: float = 7.5, seed: int = 0,
-                    progress: Callable = iter, device: str = "host-cpu", table_file: Path | None = None,
+                    device: str = "host-cpu", table_file: Path | None = None,
                     runtime: str = "torch") -> dict:
     """One-shot pruning of `ref`'s UNet to `target`; write the pruned model and its report to `out`.
 
@@ -134,7 +133,7 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
     costs = oneshot.Costs(config, target.metric, table)
     units = oneshot.removable_units(config, costs)
     if criterion == "distortion":
-        scores = oneshot.distortion_scores(teacher, units, batches, progress)
+        scores = oneshot.distortion_scores(teacher, units, batches)
     elif criterion == "magnitude":
         scores = oneshot.magnitude_scores(teacher, units)
     else:

@@ -17,6 +17,9 @@ import types
 
 import torch
 
+from ..errors import UserError
+from .unet_graph import ROOT, graph_inputs, traced
+
 # Weight ranges per target. onnxruntime's x86 int8 kernels without VNNI multiply u8×s8 pairs into
 # int16 (VPMADDUBSW), which saturates with 8-bit weights; its own quantizer's answer is 7-bit
 # weights (`reduce_range`). Measured on the quickstart's student: with ±127 weights torch's int8
@@ -242,3 +245,55 @@ def quantized_layers(prepared: torch.fx.GraphModule) -> dict[str, int]:
             annotation = node.meta.get("quantization_annotation")
             counts["attention_matmuls"] += bool(annotation and annotation.input_qspec_map)
     return counts if counts["attention_matmuls"] else {"linear": counts["linear"], "conv": counts["conv"]}
+
+
+class QuantizedUNet(torch.nn.Module):
+    """A UNet that diffusers pipelines call like their own, running the int8 graph (torch's reference int8 ops).
+
+    The graph has fixed shapes, as ExecuTorch programs do; one is built per input shape met, from
+    the float weights and the saved observer state.
+    """
+
+    def __init__(self, unet, spec: dict, state: dict):
+        super().__init__()
+        self.unet, self.spec, self.state = unet.eval(), spec, state
+        self._graphs: dict[tuple, torch.nn.Module] = {}
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    def graph_for(self, args: tuple) -> torch.nn.Module:
+        key = tuple(tuple(a.shape) for a in args)
+        if key not in self._graphs:
+            self._graphs[key] = build_int8(self.unet, args, self.spec, self.state)
+        return self._graphs[key]
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None, added_cond_kwargs=None,
+                return_dict: bool = True, **_):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        args = graph_inputs(sample, timestep, encoder_hidden_states, timestep_cond, added_cond_kwargs)
+        with torch.no_grad():
+            out = self.graph_for(args)(*args)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
+    """The converted int8 graph of `unet` at `args`' shapes, its observers restored from `state`."""
+    graph = prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"], spec["backend"],
+                    spec.get("attention", False))
+    expected = {k for k in graph.state_dict() if not k.startswith(ROOT + ".")}
+    if expected != set(state):
+        raise UserError(f"the saved quantization state does not fit this UNet's graph "
+                        f"({len(expected ^ set(state))} entries differ); quantize the model again")
+    graph.load_state_dict(state, strict=False)
+    return convert(graph)

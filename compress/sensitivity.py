@@ -62,8 +62,8 @@ def layer_errors(model, batches: list[tuple], layers: str, keep: list[str], sche
     """Relative squared output error of each candidate layer quantized alone, over `batches` of inputs.
 
     `model` is the traced wrapper (`model.unet` the diffusers UNet, whose module names `keep` and
-    the result use); `batches` are its positional inputs; `scheme` the backend's (`int8_scheme` or
-    `palette_scheme` of compress.quantize)."""
+    the result use); `batches` are its positional inputs; `scheme` the backend's numerics
+    (`backends.BACKENDS[name].scheme`)."""
     chosen = candidates(model.unet, layers, keep)
     ranges = {name: [float("inf"), float("-inf")] for name in chosen}
     errors = {name: [0.0, 0.0] for name in chosen}

@@ -29,11 +29,13 @@ import torch
 from safetensors.torch import load_file
 
 from ..folderhash import hash_model_folder
+from ..progress import tracked
 from . import data
 from .conditions import TextConditions, caption_ids
 from .latents import digest_of, save_atomic
-from .steps import (GuidedTeacher, StepDistillConfig, BatchParts, as_column, train_round, alpha_at, boundary_scalings, ddim_to,
-                    guidance_embedding, output_for, with_guidance_input, x0_and_eps)
+from .diffusion import (GuidedTeacher, alpha_at, as_column, boundary_scalings, ddim_to, guidance_embedding, output_for,
+                        with_guidance_input, x0_and_eps)
+from .steps import BatchParts, StepDistillConfig, train_round
 from .trainer import Trainer, epoch_batches
 
 CHAINS = (1, 2, 4)  # the step counts the student is trained to sample in (LCMScheduler's timesteps for each)
@@ -58,8 +60,6 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
                   config: StepDistillConfig, batch: int = 64) -> Pairs:
     """`config.regression_pairs` prompts sampled by the guided teacher with DDIM ("trailing", as the default
     samples) from seeded noise, guidance drawn per pair; cached by teacher, prompts and settings."""
-    from rich.progress import track
-
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
     chosen = [captions[i] for i in order[:config.regression_pairs].tolist()]
     key = digest_of(hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
@@ -77,7 +77,7 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
     stride = len(alphas) // config.teacher_steps
     grid = [len(alphas) - 1 - stride * i for i in range(config.teacher_steps)]
     teacher, samples = GuidedTeacher(unet, pipe.scheduler.config.prediction_type), []
-    for start in track(range(0, len(chosen), batch), description="teacher pairs"):
+    for start in tracked(range(0, len(chosen), batch), "teacher pairs"):
         part = slice(start, start + batch)
         x, g = noise[part].to(device), guidance[part].to(device)
         text, empty = conditions({k: v[part].to(device) for k, v in ids.items()}), conditions.unconditional(len(x), device)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
+from ..progress import tracked
 from . import data
 from .conditions import caption_ids
 from .trainer import epoch_batches
@@ -152,11 +153,9 @@ def teacher_latents(pipe, teacher_folder: Path, captions: list[str], steps: int,
                     batch: int = 32) -> LatentSet:
     """Data-free: the teacher samples every caption (seed + index) and its latents are the data."""
     def build() -> LatentSet:
-        from rich.progress import track
-
         scale = pipe.vae.config.scaling_factor
         means = []
-        for start in track(range(0, len(captions), batch), description="teacher samples"):
+        for start in tracked(range(0, len(captions), batch), "teacher samples"):
             chunk = captions[start:start + batch]
             generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
             with torch.no_grad():

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from ..progress import progress_bar
 
 
 class TrainConfig(BaseModel):
@@ -207,17 +208,12 @@ class Trainer:
                     v[rank::world] if isinstance(v, list) else v) for k, v in batch.items()}
 
     def run(self) -> "Trainer":
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
         config, device = self.config, self.accelerator.device
         self.out.mkdir(parents=True, exist_ok=True)
         self.wrapped.train()
         started, done_at_start = time.perf_counter(), self.step
         board = self._tensorboard()
-        columns = [TextColumn(self.description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[status]}"), TimeRemainingColumn()]
-        with Progress(*columns, disable=not self.accelerator.is_main_process) as progress:
-            task = progress.add_task(self.description, total=config.steps, completed=self.step, status="")
+        with progress_bar(self.description, config.steps, self.step, not self.accelerator.is_main_process) as advance:
             while self.step < config.steps:
                 for group in self.optimizer.param_groups:
                     group["lr"] = config.lr * _lr_factor(self.step, config)
@@ -239,12 +235,12 @@ class Trainer:
                         for name, p in self._named_trainable():
                             self.ema[name].lerp_(p.detach().float(), 1.0 - config.ema_decay)
                 self.step += 1
+                advance()
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     rate = ((self.step - done_at_start) * _batch_size(batch) * self.accelerator.num_processes
                             / (time.perf_counter() - started))
                     values = {k: float(v.detach()) for k, v in terms.items()}
-                    progress.update(task, completed=self.step,
-                                    status=f"loss {values['loss']:.4f}  {rate:.0f} samples/s")
+                    advance(0, f"loss {values['loss']:.4f}  {rate:.0f} samples/s")
                     if self.accelerator.is_main_process:
                         self._log({"step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                                    "samples_per_s": round(rate, 2), **values}, board)

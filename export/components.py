@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import modelio
+from ..compress.pt2e_int8 import build_int8
 from ..errors import UserError
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -192,7 +193,5 @@ def require_saved_int8(fmt: str, backends: tuple[str, ...], quantized_for: str |
 
 def saved_int8_unet(fmt: str, backends: tuple[str, ...], unet, args: tuple, quantization: tuple[dict, dict] | None):
     """The converted int8 graph saved with the model, at `args`' shapes."""
-    from ..compress.quantize import build_int8
-
     require_saved_int8(fmt, backends, quantization[0]["backend"] if quantization else None)
     return build_int8(unet, args, *quantization)

@@ -39,28 +39,20 @@ import numpy as np
 import torch
 
 from .. import modelio
+from ..compress.backends import int8_backends
 from ..errors import UserError
 from . import unet_chunks
 from ..stockformat import write_vocab_and_merges
 from .components import Component, UNet, quiet_tracing, require_saved_int8, saved_int8_unet
+from .protocol import ExportFormat
 from .runtime import guidance_embedding
 from .split_einsum import QUERY_CHUNK, split_einsum_unet
 from .swift_notes import write_swift_notes
 
-DEFAULT_PRECISION = "fp16"
-INT8_BACKENDS = ("coreml-w8a8",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
-PALETTIZES = True  # a palettized UNet ships as look-up tables
-DYNAMIC_SHAPES = False
-RUNS_PIPELINE = False
+INT8_BACKENDS = int8_backends("coreml")
 SWIFT_SCALE, SWIFT_SCALE_XL = 0.18215, 0.13025  # the latent scale Swift apps set (SD; SDXL)
-NO_RUNTIME_REASON = "numeric check skipped: Core ML runs only on macOS"
 SWIFT_NAMES = {"text_encoder": "TextEncoder", "text_encoder_2": "TextEncoder2", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
 CHUNKS = ("UnetChunk1", "UnetChunk2")
-
-
-def check_precision(precision: str) -> None:
-    if precision not in ("fp32", "fp16", "int8"):
-        raise UserError(f"Core ML export takes precision fp16, fp32 or int8, not {precision}")
 
 
 def check_int8(quantized_for: str | None) -> None:
@@ -262,17 +254,18 @@ def _parts(component: Component, precision: str, quantization, chunked: bool,
     return [(SWIFT_NAMES[component.name], module, component.inputs, component.outputs)]
 
 
-def export_component(component: Component, folder: Path, precision: str,
-                     quantization: tuple[dict, dict] | None = None, chunked: bool = False,
-                     attention: str = "original", **_) -> Path:
+def export_component(component: Component, folder: Path, precision: str, config,
+                     quantization: tuple[dict, dict] | None = None, **_) -> Path:
     """Convert one (adapted) component to `<out>/Resources/<SwiftName>.mlpackage`; return its path.
 
-    `chunked` (the UNet): `UnetChunk1` + `UnetChunk2` instead, the first's path returned. int8 (the
+    `config.chunk_unet` (the UNet): `UnetChunk1` + `UnetChunk2` instead, the first's path returned. int8 (the
     UNet's saved W8A8 graph) computes in fp16 between its quantized layers and needs iOS 17 for int8
-    activations; everything else targets iOS 16 like Apple's converter. `attention="split_einsum"`
-    (or `"split_einsum_v2"`, queries in chunks) converts the UNet in Apple's Neural Engine layout
-    (`split_einsum.py`); parity still compares the package with the original UNet."""
-    check_precision(precision)
+    activations; everything else targets iOS 16 like Apple's converter. `config.coreml_attention`
+    "split_einsum" (or "split_einsum_v2", queries in chunks) converts the UNet in Apple's Neural Engine
+    layout (`split_einsum.py`); parity still compares the package with the original UNet."""
+    FORMAT.check_precision(precision)
+    unet = component.name == "unet"
+    chunked, attention = config.chunk_unet and unet, config.coreml_attention if unet else "original"
     resources = folder.parent / "Resources"
     resources.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -403,3 +396,10 @@ def _package_bytes(path: Path) -> int:
 
 def file_bytes(path: Path) -> int:
     return sum(_package_bytes(p) for p in package_paths(path))
+
+
+FORMAT = ExportFormat(
+    name="coreml", title="Core ML", precisions=("fp16", "fp32", "int8"), default_precision="fp16", int8_backends=INT8_BACKENDS,
+    palettizes=True, dynamic_shapes=False, runs_pipeline=False, check_int8=check_int8,
+    export_component=export_component, load=load, write_layout=write_layout, file_bytes=file_bytes, adapt=adapt,
+    structural_check=structural_check, no_runtime_reason="numeric check skipped: Core ML runs only on macOS")

@@ -22,28 +22,22 @@ from pathlib import Path
 
 import torch
 
+from ..compress import pt2e_int8
+from ..compress.backends import int8_backends
 from ..errors import UserError
 from .components import Component, quiet_tracing
-from .exporter import write_optimum_layout
+from .layout import write_optimum_layout
+from .protocol import ExportFormat
 from .runtime import ExecuTorchModel
 
 FILE = "model.pte"
-DEFAULT_PRECISION = "fp32"
-DYNAMIC_SHAPES = False
-INT8_BACKENDS = ("xnnpack",)  # the `pocketdiff quantize` backends whose saved UNet ships as int8
-PALETTIZES = False  # a palettized UNet ships its table values as plain weights
-RUNS_PIPELINE = True
+INT8_BACKENDS = int8_backends("executorch")
 PARTITIONERS = {
     "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner", "XnnpackPartitioner"),
     "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner"),
     "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner"),
     "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner", "VulkanPartitioner"),
 }
-
-
-def check_precision(precision: str) -> None:
-    if precision not in ("fp32", "int8"):
-        raise UserError(f"ExecuTorch export takes precision fp32 or int8, not {precision}")
 
 
 def check_int8(quantized_for: str | None) -> None:
@@ -83,13 +77,10 @@ def quantize_int8(component: Component, calibration: list[tuple],
     convolutions go int8 through `pocketdiff quantize`, calibrated on hundreds of trajectories
     with the time embedding kept fp32, which keeps the judge's scores.
     """
-    from ..compress import pt2e_int8
-    from ..compress.quantize import build_int8
-
     examples = tuple(component.inputs.values())
     if quantization is not None:
         check_int8(quantization[0]["backend"])
-        return build_int8(component.module.unet, examples, *quantization)  # a 0-d timestep: the export's contract
+        return pt2e_int8.build_int8(component.module.unet, examples, *quantization)  # a 0-d timestep: the export's contract
     prepared = pt2e_int8.prepare(component.module, examples, "linear", [], False, INT8_BACKENDS[0])
     with torch.no_grad():
         for args in calibration or [examples]:
@@ -168,13 +159,12 @@ def lower(module: torch.nn.Module, args: tuple, backends: tuple[str, ...] = ("xn
         return program.to_executorch().buffer
 
 
-def export_component(component: Component, folder: Path, precision: str, backends: tuple[str, ...] = ("xnnpack",),
-                     calibration: list[tuple] | None = None, quantization: tuple[dict, dict] | None = None,
-                     **_) -> Path:
+def export_component(component: Component, folder: Path, precision: str, config,
+                     calibration: list[tuple] | None = None, quantization: tuple[dict, dict] | None = None) -> Path:
     """Write `<folder>/model.pte` and `io.json` for one component; return the program's path."""
-    check_precision(precision)
+    FORMAT.check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
-    args = tuple(component.inputs.values())
+    args, backends = tuple(component.inputs.values()), tuple(config.executorch_backends)
     module = quantize_int8(component, calibration, quantization) if precision == "int8" else component.module
     try:
         buffer = lower(module, args, backends)
@@ -194,9 +184,11 @@ def load(path: Path):
     return ExecuTorchModel(path)
 
 
-def write_layout(ref, out: Path, names: list[str], _config) -> None:
-    write_optimum_layout(ref, out, names)
-
-
 def file_bytes(path: Path) -> int:
     return Path(path).stat().st_size
+
+
+FORMAT = ExportFormat(
+    name="executorch", title="ExecuTorch", precisions=("fp32", "int8"), default_precision="fp32",
+    int8_backends=INT8_BACKENDS, palettizes=False, dynamic_shapes=False, runs_pipeline=True, check_int8=check_int8,
+    export_component=export_component, load=load, write_layout=write_optimum_layout, file_bytes=file_bytes)

@@ -11,7 +11,6 @@ With `workers` > 1 the (format, component) exports run in that many processes, l
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -20,12 +19,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import modelio
+from ..compress.calibration import record_unet_inputs
+from ..compress.backends import BACKENDS, SPEC_FILE
+from ..compress.saved import read_quantization
 from ..progress import progress_bar
 from . import parity
-from ..stockformat import write_vocab_and_merges
+from .formats import FORMATS
+from .lcm import LCM
+from .runtime import ExportedPipeline
 from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
 
-Format = Literal["onnx", "executorch", "coreml"]
+Format = Literal["onnx", "executorch", "coreml"]  # FORMATS' names, spelt out for the config's schema
 
 
 class ExportConfig(BaseModel):
@@ -60,36 +64,6 @@ class ExportConfig(BaseModel):
         return self
 
 
-def _format_module(name: str):
-    if name == "onnx":
-        from . import onnx as module
-    elif name == "executorch":
-        from . import executorch as module
-    else:
-        from . import coreml as module
-    return module
-
-
-def write_optimum_layout(ref: modelio.ModelRef, out: Path, names: list[str]) -> None:
-    """model_index.json, tokenizer/, scheduler/ as they are, and each component's config.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    if ref.kind == "unet":
-        shutil.copy2(ref.path / "config.json", out / "unet" / "config.json")
-        return
-    for item in ("model_index.json", "tokenizer", "tokenizer_2", "scheduler", "feature_extractor"):
-        source = ref.path / item
-        if source.is_dir():
-            shutil.copytree(source, out / item, dirs_exist_ok=True)
-        elif source.exists():
-            shutil.copy2(source, out / item)
-    for tokenizer in (out / "tokenizer", out / "tokenizer_2"):
-        if tokenizer.is_dir() and not (tokenizer / "vocab.json").exists():
-            write_vocab_and_merges(tokenizer, tokenizer)  # apps' BPE readers want CLIP's two files
-    for name in names:
-        source = ref.path / ("vae" if name.startswith("vae") else name) / "config.json"
-        shutil.copy2(source, out / name / "config.json")
-
-
 def _numpy(tensors: dict) -> dict:
     return {k: v.detach().numpy() if hasattr(v, "detach") else np.asarray(v) for k, v in tensors.items()}
 
@@ -112,7 +86,7 @@ def torch_images(pipe, prompts: list[str], steps: int, guidance: float, latents:
     return (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _quantization_note(fmt: str, module, precision: str, quantization: tuple[dict, dict] | None) -> str | None:
+def _quantization_note(fmt: str, export_format, precision: str, quantization: tuple[dict, dict] | None) -> str | None:
     """What the report says of the UNet's quantization: the model's own, the export's fallback, or not applied."""
     if precision != "int8" and quantization is None:
         return None
@@ -121,63 +95,52 @@ def _quantization_note(fmt: str, module, precision: str, quantization: tuple[dic
     spec = quantization[0]
     trained = f"{'QAT' if spec['qat'] else 'post-training'}, {spec['layers']}{' + attention' if spec.get('attention') else ''}"
     if precision == "int8":
-        return f"saved: {spec['backend']} {'W4A8' if spec['backend'] == 'brevitas-w4a8' else 'int8'}, {trained}"
-    if "bits" in spec and module.PALETTIZES:
+        return f"saved: {spec['backend']} {BACKENDS[spec['backend']].label}, {trained}"
+    if "bits" in spec and export_format.palettizes:
         return f"saved: {spec['backend']} {spec['bits']}-bit look-up tables, {trained}"
     return f"not applied: {fmt} {precision} of the float (QAT-trained) weights"
 
 
 def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
     """The asked precision, else the format's default; a model quantized for the format's runtime ships int8 unasked."""
-    from ..compress.quantize import SPEC_FILE
-
-    module = _format_module(fmt)
-    precision = config.precision or module.DEFAULT_PRECISION
+    export_format = FORMATS[fmt]
+    precision = config.precision or export_format.default_precision
     spec = ref.unet_path / SPEC_FILE
     quantized_for = json.loads(spec.read_text())["backend"] if spec.exists() else None
-    if config.precision is None and quantized_for in module.INT8_BACKENDS:
+    if config.precision is None and quantized_for in export_format.int8_backends:
         precision = "int8"  # what `pocketdiff quantize` trained is what ships
-    module.check_precision(precision)
+    export_format.check_precision(precision)
     if precision == "int8":
-        module.check_int8(quantized_for)
+        export_format.check_int8(quantized_for)
     return precision
 
 
 def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path) -> dict:
     """Export one component to one format in `out/<name>/`, run the file, compare with PyTorch: its report entry."""
-    from ..compress.quantize import read_quantization
-
-    module = _format_module(fmt)
+    export_format = FORMATS[fmt]
     precision = precision_for(fmt, ref, config)
     # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
     own_precision = "fp32" if precision == "int8" and name != "unet" else precision
     # a dynamic-shape trace needs a latent big enough not to specialise; an int8 graph is fixed at the model's own
-    dynamic = module.DYNAMIC_SHAPES and own_precision != "int8"
+    dynamic = export_format.dynamic_shapes and own_precision != "int8"
     size = trace_latent_size(modelio.unet_config(ref)) if dynamic else None
     (component,) = model_components(ref, pipe, (name,), size)
-    if hasattr(module, "adapt"):
-        component = module.adapt(component, pipe, ref, config)
+    component = export_format.adapt(component, pipe, ref, config)
     began = time.perf_counter()
     quantization = read_quantization(ref) if name == "unet" else None
-    extra = {"backends": tuple(config.executorch_backends)} if fmt == "executorch" else {}
-    if fmt == "coreml" and name == "unet":
-        extra.update(chunked=config.chunk_unet, attention=config.coreml_attention)
-    extra["quantization"] = quantization
-    if own_precision == "int8":
-        if pipe is not None and quantization is None:
-            from ..compress.calibration import record_unet_inputs
-
-            extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
-    path = module.export_component(component, out / name, own_precision, **extra)
-    entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": module.file_bytes(path),
+    extra = {"quantization": quantization}
+    if own_precision == "int8" and pipe is not None and quantization is None:
+        extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
+    path = export_format.export_component(component, out / name, own_precision, config, **extra)
+    entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": export_format.file_bytes(path),
              "export_seconds": round(time.perf_counter() - began, 2)}
-    note = _quantization_note(fmt, module, own_precision, quantization)
+    note = _quantization_note(fmt, export_format, own_precision, quantization)
     if note:
         entry["quantization"] = note
-    runner = module.load(path)
+    runner = export_format.load(path)
     if runner is None:
-        entry.update(module.structural_check(path, component))
-        entry["numeric"] = module.NO_RUNTIME_REASON
+        entry.update(export_format.structural_check(path, component))
+        entry["numeric"] = export_format.no_runtime_reason
     else:
         expected = _numpy(component.run())
         entry.update(parity.compare(expected, runner(_numpy(component.inputs))))
@@ -241,15 +204,12 @@ def export_components(jobs: list[tuple[str, str]], ref: modelio.ModelRef, pipe, 
 def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path, entries: dict,
                   seed: int = 0, log=print) -> dict:
     """The format's app layout around its exported components, the end-to-end image check, its parity report."""
-    module = _format_module(fmt)
+    export_format = FORMATS[fmt]
     names = list(entries)
     report = {"format": fmt, "precision": precision_for(fmt, ref, config), "model": str(ref.path),
               "components": entries}
-    module.write_layout(ref, out, names, config)
-    if ref.kind == "pipeline" and module.RUNS_PIPELINE and {"text_encoder", "unet", "vae_decoder"} <= set(names):
-        from .lcm import LCM
-        from .runtime import ExportedPipeline
-
+    export_format.write_layout(ref, out, names, config)
+    if ref.kind == "pipeline" and export_format.runs_pipeline and {"text_encoder", "unet", "vae_decoder"} <= set(names):
         exported_pipe = ExportedPipeline(out, fmt)
         latents = exported_pipe.initial_latents(len(config.prompts), seed)
         # LCM adds fresh noise between steps, drawn by numpy here and by torch there: compare the one noise-free step

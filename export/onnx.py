@@ -22,9 +22,13 @@ from pathlib import Path
 
 import torch
 
+from ..compress.backends import BACKENDS, W4A8, int8_backends
+from ..compress.brevitas_w4a8 import export_qcdq, rebuild
+from ..compress.unet_graph import traced
 from ..errors import UserError
 from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
-from .exporter import write_optimum_layout
+from .layout import write_optimum_layout
+from .protocol import ExportFormat
 from .runtime import OnnxModel
 
 FILE = "model.onnx"
@@ -36,16 +40,7 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-DEFAULT_PRECISION = "fp32"
-DYNAMIC_SHAPES = True  # one file for guidance on and off, any resolution (int8: fixed, see above)
-RUNS_PIPELINE = True
-INT8_BACKENDS = ("onnx-int8", "brevitas-w4a8")  # the `pocketdiff quantize` backends whose saved UNet ships as int8
-PALETTIZES = False  # a palettized UNet ships its table values as plain weights
-
-
-def check_precision(precision: str) -> None:
-    if precision not in ("fp32", "fp16", "int8"):
-        raise UserError(f"ONNX export takes precision fp32, fp16 or int8, not {precision}")
+INT8_BACKENDS = int8_backends("onnx")
 
 
 def check_int8(quantized_for: str | None) -> None:
@@ -54,18 +49,11 @@ def check_int8(quantized_for: str | None) -> None:
 
 def _w4a8_unet(component: Component, quantization: tuple[dict, dict]) -> torch.nn.Module:
     """The saved W4A8 UNet (brevitas layers, saved scales) in the export's wrapper."""
-    from ..compress.brevitas_w4a8 import rebuild
-    from ..compress.quantize import traced
-
     return traced(rebuild(copy.deepcopy(component.module.unet), *quantization))
 
 
 def load(path: Path):
     return OnnxModel(path)
-
-
-def write_layout(ref, out: Path, names: list[str], _config) -> None:
-    write_optimum_layout(ref, out, names)
 
 
 def _dynamic_shapes(component: Component) -> dict:
@@ -83,10 +71,10 @@ def _dynamic_shapes(component: Component) -> dict:
     return shapes
 
 
-def export_component(component: Component, folder: Path, precision: str,
+def export_component(component: Component, folder: Path, precision: str, _config,
                      quantization: tuple[dict, dict] | None = None, **_) -> Path:
     """Write `<folder>/model.onnx` for one component; return its path."""
-    check_precision(precision)
+    FORMAT.check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / FILE
     int8 = precision == "int8"
@@ -96,9 +84,7 @@ def export_component(component: Component, folder: Path, precision: str,
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with quiet_tracing():
-            if int8 and quantization is not None and quantization[0]["backend"] == "brevitas-w4a8":
-                from ..compress.brevitas_w4a8 import export_qcdq
-
+            if int8 and quantization is not None and isinstance(BACKENDS[quantization[0]["backend"]], W4A8):
                 export_qcdq(_w4a8_unet(component, quantization), args, path, list(component.inputs), component.outputs, OPSET)
             else:
                 module = (saved_int8_unet("ONNX", INT8_BACKENDS, component.module.unet, args, quantization) if int8
@@ -138,3 +124,11 @@ def _first_line(err: Exception) -> str:
 
 def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).parent.glob(f"{Path(path).name}*"))
+
+
+FORMAT = ExportFormat(
+    name="onnx", title="ONNX", precisions=("fp32", "fp16", "int8"), default_precision="fp32",
+    int8_backends=INT8_BACKENDS, palettizes=False,
+    dynamic_shapes=True,  # one file for guidance on and off, any resolution (int8: fixed, see above)
+    runs_pipeline=True, check_int8=check_int8, export_component=export_component, load=load,
+    write_layout=write_optimum_layout, file_bytes=file_bytes)

@@ -12,7 +12,7 @@ from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffus
 from safetensors.torch import load_file
 
 from pocketdiff import modelio
-from pocketdiff.distill import dmd, latents, steps
+from pocketdiff.distill import diffusion, dmd, latents, steps
 from pocketdiff.distill.steps import distill_steps
 from pocketdiff.distill.zoo import scheduler_config
 from tests.conftest import tiny_unet_config
@@ -32,8 +32,8 @@ def _loss(tiny_pipeline, image_folder, **kw):
     data, batch_for = latents.training_batches(pipe, model, config, 0, config.batch)
     pairs = dmd.teacher_pairs(pipe, model.path, data.captions, alphas, final, config)
     torch.manual_seed(0)
-    networks = torch.nn.ModuleDict({"generator": steps.with_guidance_input(pipe.unet).requires_grad_(True),
-                                    "fake": steps.with_guidance_input(pipe.unet).requires_grad_(True)})
+    networks = torch.nn.ModuleDict({"generator": diffusion.with_guidance_input(pipe.unet).requires_grad_(True),
+                                    "fake": diffusion.with_guidance_input(pipe.unet).requires_grad_(True)})
     pipe.unet.requires_grad_(False)
     scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50, timestep_scaling=10.0)
     loss = dmd.DMDLoss(pipe, networks, alphas, final, pairs, dmd.chain_table(scheduler), config)
@@ -42,7 +42,7 @@ def _loss(tiny_pipeline, image_folder, **kw):
 
 def test_the_generator_denoises_as_lcm_scheduler_steps():
     torch.manual_seed(0)
-    student = steps.with_guidance_input(UNet2DConditionModel.from_config(tiny_unet_config())).eval()
+    student = diffusion.with_guidance_input(UNet2DConditionModel.from_config(tiny_unet_config())).eval()
     torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.02)  # the guidance input matters
     scheduler = LCMScheduler.from_config(scheduler_config(), original_inference_steps=50, timestep_scaling=10.0)
     table = dmd.chain_table(scheduler)
@@ -51,7 +51,7 @@ def test_the_generator_denoises_as_lcm_scheduler_steps():
     loss.networks, loss.prediction = torch.nn.ModuleDict({"generator": student}), "epsilon"
     loss.alphas, loss.final_alpha = scheduler.alphas_cumprod.float(), float(scheduler.final_alpha_cumprod)
     x, text = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
-    cond = steps.guidance_embedding(torch.tensor([6.0]))
+    cond = diffusion.guidance_embedding(torch.tensor([6.0]))
     scheduler.set_timesteps(4)
     for t in scheduler.timesteps:
         with torch.no_grad():

@@ -13,8 +13,9 @@ LAYERS = {"core": 0, "distill": 1, "compress": 1, "export": 2, "devices": 3, "ap
 # compress' block plans; int8 building traces with export's wrappers and lowers with its ExecuTorch path.
 KNOWN = {
     ("compress.oneshot", "devices.macs"), ("compress.prune", "devices.macs"), ("compress.prune", "devices.lookup"),
-    ("distill.vae", "devices.macs"), ("distill.kd", "compress.blocks"), ("compress.quantize", "distill.kd"),
-    ("compress.quantize", "distill.trainer"), ("compress.quantize", "distill"), ("compress.quantize", "export.components"),
+    ("distill.vae", "devices.macs"), ("distill.kd", "compress.blocks"), ("compress.qat", "distill.kd"),
+    ("compress.quantize", "distill.trainer"), ("compress.backends", "distill.trainer"), ("compress.quantize", "distill"),
+    ("compress.unet_graph", "export.components"),
     ("compress.pt2e_int8", "export.executorch"),
 }
 

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from pocketdiff import modelio
 from pocketdiff.apps.cli import app
 from pocketdiff.errors import UserError
-from pocketdiff.compress.quantize import QuantizedUNet, QuantizeConfig, load_quantized_unet, load_shipped_pipeline, quantize
+from pocketdiff.compress.pt2e_int8 import QuantizedUNet
+from pocketdiff.compress.quantize import QuantizeConfig, quantize
+from pocketdiff.compress.saved import load_quantized_unet, load_shipped_pipeline
 from pocketdiff.export.components import unet_component
 
 SMALL = dict(prompts=4, check_prompts=2, sampling_steps=2, batch=4)
@@ -99,15 +101,16 @@ def test_qat_trains_against_the_fp32_unet(tiny_pipeline, tmp_path):
 def test_qat_starts_as_the_post_training_model_and_trains_on_the_grids_it_ships(tiny_pipeline, backend):
     from pocketdiff.compress import pt2e_int8
     from pocketdiff.compress.calibration import record_unet_inputs
-    from pocketdiff.compress.quantize import _args, _prepare, per_sample, traced
+    from pocketdiff.compress.backends import BACKENDS
+    from pocketdiff.compress.unet_graph import batch_args, per_sample, traced
 
     pipe = modelio.load_pipeline(modelio.open_model(tiny_pipeline))
     rows = per_sample(record_unet_inputs(pipe, ["red apple", "grinning face"], 2, 7.5))
     spec = {"backend": backend, "layers": "conv+linear", "keep": ["conv_in", "conv_out", "time_embedding"], "qat": True}
-    qat, counts = _prepare(pipe.unet, spec, rows, 4)
-    ptq, same_counts = _prepare(pipe.unet, {**spec, "qat": False}, rows, 4)
+    qat, counts = BACKENDS[backend].prepare(pipe.unet, spec, rows, 4)
+    ptq, same_counts = BACKENDS[backend].prepare(pipe.unet, {**spec, "qat": False}, rows, 4)
     assert counts == same_counts and counts["conv"] > 0
-    args = _args({k: v[:4] for k, v in rows.items()})
+    args = batch_args({k: v[:4] for k, v in rows.items()})
     with torch.no_grad():
         fp32, trained_on = traced(pipe.unet)(*args), qat(*args)
         shipped, post_training = pt2e_int8.convert(qat)(*args), pt2e_int8.convert(ptq)(*args)
@@ -119,7 +122,7 @@ def test_qat_starts_as_the_post_training_model_and_trains_on_the_grids_it_ships(
 
 def test_graph_taps_keep_what_module_hooks_keep_and_leave_the_graph_as_it_was(tiny_pipeline):
     from pocketdiff.compress import pt2e_int8
-    from pocketdiff.compress.quantize import traced
+    from pocketdiff.compress.unet_graph import traced
     from pocketdiff.distill.kd import Taps, block_pairs
 
     unet = modelio.load_unet(modelio.open_model(tiny_pipeline)).eval()

@@ -80,3 +80,22 @@ def test_failed_stage_is_recorded_and_retried(tiny_pipeline, quick_judge, tmp_pa
     retried = read_manifest(tmp_path / "tiny" / "02-evaluate")
     assert retried["status"] == "done" and retried["attempt"] == 2
     assert 0 <= retried["metrics"]["validation/steps=1/guidance=7.5"]["retrieval_accuracy"] <= 1
+
+
+def test_the_recipe_seed_reaches_every_stage_that_draws_random_numbers(three_stage_pipeline, tmp_path):
+    from pocketdiff.apps.runner import seeded
+    from pocketdiff.apps.stages import STAGES
+
+    recipe = f"name: seeded\nmodel: {three_stage_pipeline}\nseed: 5\nstages:\n  - prune: {{target: params=0.8, criterion: random}}\n"
+    run_dir, _ = _run(recipe, tmp_path)
+    assert read_manifest(run_dir / "01-prune")["config"]["seed"] == 5
+    assert json.loads((run_dir / "01-prune" / "prune_report.json").read_text())["seed"] == 5
+    drawing = [stage.config for stage in STAGES.values() if "seed" in stage.config.model_fields]
+    assert {c.__name__ for c in drawing} >= {"PruneConfig", "KDStageConfig", "StepDistillConfig", "QuantizeConfig"}
+    for config in drawing:
+        assert seeded(config.model_validate(_minimal(config)), 5).seed == 5
+        assert seeded(config.model_validate({**_minimal(config), "seed": 2}), 5).seed == 2  # the stage's own wins
+
+
+def _minimal(config) -> dict:
+    return {"preset": "bk-small"} if config.__name__ == "PruneConfig" else {}

@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedul
 
 from pocketdiff import modelio
 from pocketdiff.errors import UserError
-from pocketdiff.distill import latents, steps
+from pocketdiff.distill import diffusion, latents, steps
 from pocketdiff.distill.steps import StepDistillConfig, distill_steps
 from pocketdiff.distill.zoo import scheduler_config
 from tests.conftest import tiny_unet_config
@@ -52,17 +52,17 @@ def _held_out_loss(pipe, teacher_unet, student, student_steps, image_folder) -> 
 def test_guidance_embedding_is_the_one_stock_pipelines_feed():
     guidance = torch.tensor([1.0, 4.5, 7.5, 12.0])
     stock = StableDiffusionPipeline.get_guidance_scale_embedding(None, guidance - 1, embedding_dim=256)
-    assert torch.allclose(steps.guidance_embedding(guidance, 256), stock, atol=1e-6)
+    assert torch.allclose(diffusion.guidance_embedding(guidance, 256), stock, atol=1e-6)
 
 
 def test_the_guidance_input_starts_as_the_teacher():
     torch.manual_seed(0)
     teacher = UNet2DConditionModel.from_config(tiny_unet_config()).eval()
-    student = steps.with_guidance_input(teacher).eval()
-    assert student.config.time_cond_proj_dim == steps.GUIDANCE_DIM
+    student = diffusion.with_guidance_input(teacher).eval()
+    assert student.config.time_cond_proj_dim == diffusion.GUIDANCE_DIM
     inputs = modelio.unet_example_inputs(dict(teacher.config), 8, batch=2, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        cond = steps.guidance_embedding(torch.tensor([2.0, 9.0]))
+        cond = diffusion.guidance_embedding(torch.tensor([2.0, 9.0]))
         assert torch.equal(student(**inputs, timestep_cond=cond).sample, teacher(**inputs).sample)
 
 
@@ -75,15 +75,15 @@ def test_solver_steps_are_diffusers_ddim_and_the_grids_are_the_schedulers():
         grid = len(alphas) - 1 - (len(alphas) // n) * torch.arange(n)
         assert torch.equal(ddim.timesteps, grid)
         t = ddim.timesteps[-1]  # the last step lands on the final alpha
-        x0 = steps.x0_and_eps(eps, x, alphas[t].view(1), "epsilon")[0]
-        ours = steps.ddim_to(x0, eps, torch.tensor([final]))
+        x0 = diffusion.x0_and_eps(eps, x, alphas[t].view(1), "epsilon")[0]
+        ours = diffusion.ddim_to(x0, eps, torch.tensor([final]))
         assert torch.allclose(ours, ddim.step(eps, t, x).prev_sample, atol=1e-5)
     lcm = LCMScheduler.from_config(scheduler_config(), original_inference_steps=50)
     origin = set((torch.arange(1, 51) * 20 - 1).tolist())
     for n in (1, 2, 4):
         lcm.set_timesteps(n)
         assert set(lcm.timesteps.tolist()) <= origin
-    c_skip, c_out = steps.boundary_scalings(torch.tensor([0, 499]))
+    c_skip, c_out = diffusion.boundary_scalings(torch.tensor([0, 499]))
     stock_skip, stock_out = lcm.get_scalings_for_boundary_condition_discrete(torch.tensor(499))
     assert (c_skip[0].item(), c_out[0].item()) == (1.0, 0.0)
     assert c_skip[1].item() == pytest.approx(float(stock_skip)) and c_out[1].item() == pytest.approx(float(stock_out))
@@ -102,20 +102,20 @@ def test_progressive_target_lands_where_the_teacher_two_steps_land():
     loss = steps.ProgressiveLoss.__new__(steps.ProgressiveLoss)
     loss.alphas, loss.final_alpha, loss.stride = alphas, final, 500
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 499])
-    guided = steps.GuidedTeacher(Teacher(), "epsilon")
+    guided = diffusion.GuidedTeacher(Teacher(), "epsilon")
     a, a_mid, a_end = loss._alpha(t), loss._alpha(t - 250), loss._alpha(t - 500)
     text = {"encoder_hidden_states": torch.zeros(2, 77, 32)}
-    x_mid = steps.ddim_to(*guided(x, t, a, text, text, torch.ones(2)), a_mid)
-    x_end = steps.ddim_to(*guided(x_mid, t - 250, a_mid, text, text, torch.ones(2)), a_end)
+    x_mid = diffusion.ddim_to(*guided(x, t, a, text, text, torch.ones(2)), a_mid)
+    x_end = diffusion.ddim_to(*guided(x_mid, t - 250, a_mid, text, text, torch.ones(2)), a_end)
     ratio = ((1 - a_end) / (1 - a)).sqrt().view(-1, 1, 1, 1)
     x0 = (x_end - ratio * x) / (a_end.sqrt().view(-1, 1, 1, 1) - ratio * a.sqrt().view(-1, 1, 1, 1))
-    eps = steps.x0_and_eps(x0, x, a, "sample")[1]
+    eps = diffusion.x0_and_eps(x0, x, a, "sample")[1]
     ddim_x0 = DDIMScheduler.from_config(ddim.config, prediction_type="sample")
     ddim_x0.set_timesteps(2)
     for i in range(2):  # a 2-step student that outputs this x0 follows diffusers' DDIM onto the teacher's point
         landed = ddim_x0.step(x0[i:i + 1], int(t[i]), x[i:i + 1]).prev_sample
         assert torch.allclose(landed, x_end[i:i + 1], atol=1e-4), i
-    assert torch.allclose(steps.x0_and_eps(eps, x, a, "epsilon")[0], x0, atol=1e-4)
+    assert torch.allclose(diffusion.x0_and_eps(eps, x, a, "epsilon")[0], x0, atol=1e-4)
 
 
 def test_guided_teacher_is_classifier_free_guidance():
@@ -123,7 +123,7 @@ def test_guided_teacher_is_classifier_free_guidance():
     unet = UNet2DConditionModel.from_config(tiny_unet_config()).eval()
     x, t, a = torch.randn(2, 4, 8, 8), torch.tensor([700, 300]), torch.tensor([0.2, 0.6])
     text, empty, g = torch.randn(2, 77, 32), torch.randn(2, 77, 32), torch.tensor([7.5, 3.0])
-    _, eps = steps.GuidedTeacher(unet, "epsilon")(x, t, a, {"encoder_hidden_states": text},
+    _, eps = diffusion.GuidedTeacher(unet, "epsilon")(x, t, a, {"encoder_hidden_states": text},
                                                   {"encoder_hidden_states": empty}, g)
     with torch.no_grad():
         cond, uncond = unet(x, t, text).sample, unet(x, t, empty).sample
@@ -171,7 +171,7 @@ def test_progressive_rounds_halve_the_steps_and_the_last_student_samples_in_one_
     teacher = modelio.load_pipeline(modelio.open_model(tiny_pipeline))
     two = UNet2DConditionModel.from_pretrained(tmp_path / "pd" / "rounds" / "2-steps" / "unet")
     one = UNet2DConditionModel.from_pretrained(tmp_path / "pd" / "unet")
-    untrained = steps.with_guidance_input(teacher.unet)
+    untrained = diffusion.with_guidance_input(teacher.unet)
     assert _held_out_loss(teacher, teacher.unet, two, 2, image_folder) < 0.8 * _held_out_loss(
         teacher, teacher.unet, untrained, 2, image_folder)
     assert _held_out_loss(teacher, two, one, 1, image_folder) < 0.8 * _held_out_loss(

@@ -107,8 +107,8 @@ def converted_modules(monkeypatch) -> dict:
         seen.append(module)
         return convert(module, inputs, outputs, precision, quantization)
 
-    def save(component, folder, precision, **kw):
-        path = export_component(component, folder, precision, **kw)
+    def save(component, *args, **kw):
+        path = export_component(component, *args, **kw)
         modules[path.stem] = seen[-1]
         return path
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from ..compress.prune import PruneConfig, prune
 from ..compress.quantize import QuantizeConfig
 from ..compress.saved import load_shipped_pipeline
 from ..devices.profile import ProfileConfig
@@ -33,72 +33,26 @@ class StageConfig(BaseModel):
 class GenerateConfig(StageConfig):
     """Images for fixed prompts and seeds, saved as PNGs and one labelled grid."""
 
-    prompts: list[str] = Field(min_length=1)
-    steps: int = Field(25, ge=1)
-    guidance: float = Field(7.5, ge=0)
+    prompts: list[str] = Field(min_length=1, description="Prompts; prompt i uses seed + i.",
+                               json_schema_extra={"free_text": True, "also": ["--prompt"]})
+    steps: int = Field(25, ge=1, description="Sampling steps.")
+    guidance: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
 
 
 class EvaluateConfig(StageConfig):
     """Judge scores over seeded prompt sets, at every (steps, guidance) pair asked for."""
 
-    split: Literal["validation", "train", "both"] = "validation"
-    prompts: int = Field(256, ge=8)
-    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [25], min_length=1)
-    guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [7.5], min_length=1)
-    judge: str = "default"
-
-
-class PruneConfig(StageConfig):
-    """Layer pruning, by a BK-SDM preset and/or named units, or one-shot to a target; the pruned model is this
-    stage's output folder."""
-
-    preset: Literal["bk-base", "bk-small", "bk-tiny"] | None = None
-    remove: list[str] | None = Field(None, min_length=1)  # units as a target run's report names them, after preset
-    target: str | None = None
-    criterion: Literal["distortion", "magnitude", "random"] = "distortion"
-    device: str = "host-cpu"  # a latency target is judged on this device profile
-    runtime: Literal["torch", "onnxruntime", "executorch"] = "torch"  # host-cpu: the runtime the latency table is timed in
-    latency_table: Path | None = None  # latency=R: a saved table (an earlier run's latency_table.json), not timed again
-    prompts: list[str] | None = Field(None, min_length=1)
-    steps: int = Field(10, ge=1)
-    guidance: float = Field(7.5, ge=0)
-    seed: int = 0
-
-    @field_validator("target")
-    @classmethod
-    def readable_target(cls, value):
-        from ..compress.oneshot import parse_target
-
-        if value is not None:
-            try:
-                parse_target(value)
-            except UserError as err:
-                raise ValueError(str(err)) from None
-        return value
-
-    @model_validator(mode="after")
-    def one_way(self):
-        from ..compress.oneshot import parse_target
-
-        if (self.preset is None and self.remove is None) == (self.target is None):
-            raise ValueError("give preset and/or remove, or else target")
-        if self.latency_table is not None and (self.target is None or parse_target(self.target).metric != "latency"):
-            raise ValueError("latency_table goes with a latency=R target")
-        return self
+    split: Literal["validation", "train", "both"] = Field("validation", description="Which split's prompts.")
+    prompts: int = Field(256, ge=8, description="Seeded prompts per split.")
+    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [25], min_length=1,
+                                                     description="Step counts to sample at.")
+    guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [7.5], min_length=1,
+                                                          description="Guidance scales to sample at.")
+    judge: str = Field("default", description="'default' or a local CLIPModel folder.")
 
 
 def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
-    from ..compress.oneshot import parse_target
-    from ..compress.prune import prune_preset, prune_to_target, prune_units
-
-    if config.remove:
-        report = prune_units(ctx.model, config.remove, ctx.out, config.preset)
-    elif config.preset:
-        report = prune_preset(ctx.model, config.preset, ctx.out)
-    else:
-        report = prune_to_target(ctx.model, parse_target(config.target), ctx.out, config.criterion, config.prompts,
-                                 config.steps, config.guidance, config.seed, device=config.device,
-                                 table_file=config.latency_table, runtime=config.runtime)
+    report = prune(ctx.model, config, ctx.out)
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 
@@ -106,7 +60,8 @@ def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
 class KDStageConfig(KDConfig):
     """Block-level KD of the stage's input (a pruned model) from `teacher`; the distilled pipeline is the output."""
 
-    teacher: str | None = None  # default: the teacher named in the input's prune report
+    teacher: str | None = Field(None, description="Teacher pipeline folder or 'default' (default: the teacher named "
+                                                  "in the student's prune report).")
 
 
 def run_kd(config: KDStageConfig, ctx: StageContext) -> StageResult:
@@ -216,7 +171,8 @@ def run_export(config: ExportConfig, ctx: StageContext) -> StageResult:
 class ProfileStageConfig(ProfileConfig):
     """Time the model on a device: its own weights (backend torch) or an earlier export stage's files."""
 
-    export_stage: str | None = None  # the export stage's name in the recipe (default: the latest before this one)
+    export_stage: str | None = Field(None, description="The export stage's name in the recipe (default: the latest "
+                                                       "before this one).")
 
 
 def run_profile(config: ProfileStageConfig, ctx: StageContext) -> StageResult:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .. import modelio
 from ..errors import UserError
@@ -157,6 +159,63 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
         Path(out).mkdir(parents=True, exist_ok=True)
         table.save(Path(out) / "latency_table.json")
     return _save(ref, student, removed, plan, Path(out), details)
+
+
+class PruneConfig(BaseModel):
+    """Layer pruning, by a BK-SDM preset and/or named units, or one-shot to a target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["bk-base", "bk-small", "bk-tiny"] | None = Field(None, description="BK-SDM preset.")
+    remove: list[str] | None = Field(None, min_length=1, description=(
+        "Units to remove, named as a target run's report names them (e.g. mid_block,down_blocks.2.attentions), "
+        "after the preset when given."))
+    target: str | None = Field(None, description="One-shot pruning to a target: params=R, macs=R or latency=R keeps "
+                                                 "at most R of the teacher's.")
+    criterion: Literal["distortion", "magnitude", "random"] = Field("distortion", description="With a target: "
+                                                                    "how units are ranked.")
+    device: str = Field("host-cpu", description="With latency=R: the device profile the latency is judged on.")
+    runtime: Literal["torch", "onnxruntime", "executorch"] = Field(
+        "torch", description="With latency=R on host-cpu: the runtime the lookup table's layers are timed in.")
+    latency_table: Path | None = Field(None, description="With latency=R: a saved lookup table (latency_table.json "
+                                                         "of an earlier run) instead of timing again.")
+    prompts: list[str] | None = Field(None, min_length=1, json_schema_extra={"free_text": True, "also": ["--prompt"]},
+                                      description=(
+        "Calibration prompts of the distortion criterion (default: 16 built in)."))
+    steps: int = Field(10, ge=1, description="Sampling steps of each calibration trajectory.")
+    guidance: float = Field(7.5, ge=0, description="Guidance of the calibration trajectories.")
+    seed: int = Field(0, description="Seed of the random criterion.")
+
+    @field_validator("target")
+    @classmethod
+    def readable_target(cls, value):
+        if value is not None:
+            try:
+                oneshot.parse_target(value)
+            except UserError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @model_validator(mode="after")
+    def one_way(self):
+        if (self.preset is None and self.remove is None) == (self.target is None):
+            raise ValueError("give preset and/or remove, or else target")
+        if self.latency_table is not None and (self.target is None or
+                                               oneshot.parse_target(self.target).metric != "latency"):
+            raise ValueError("latency_table goes with a latency=R target")
+        return self
+
+
+def prune(ref: modelio.ModelRef, config: PruneConfig, out: Path) -> dict:
+    """`config`'s pruning of `ref` written to `out`: named units (after the preset, if any), a preset, or one-shot
+    to a target; the report."""
+    if config.remove:
+        return prune_units(ref, config.remove, out, config.preset)
+    if config.preset:
+        return prune_preset(ref, config.preset, out)
+    return prune_to_target(ref, oneshot.parse_target(config.target), out, config.criterion, config.prompts,
+                           config.steps, config.guidance, config.seed, device=config.device,
+                           table_file=config.latency_table, runtime=config.runtime)
 
 
 def _latency_table(config: dict, device: str, table_file: Path | None, runtime: str):

@@ -40,19 +40,25 @@ Backend = Literal[tuple(BACKENDS)]  # the registry's names, as the config's sche
 class QuantizeConfig(RunSettings):
     """What to quantize, with which backend, calibrated on what, trained how long."""
 
-    backend: Backend = "xnnpack"
-    layers: Literal["linear", "conv+linear"] = "conv+linear"
-    attention: bool = False  # also the attention matmuls' operands (QKᵀ, AV): onnx-int8 and coreml-w8a8
-    keep: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding"])  # stay fp32
-    keep_sensitive: int = Field(0, ge=0)  # also keep fp32 the layers int8 hurts most, measured one by one
-    qat_steps: int = Field(0, ge=0)  # 0: post-training quantization only
-    feature_weight: float = Field(0.0, ge=0)  # QAT: weight of the normalised stage-output terms (measured: no gain here)
-    batch: int = Field(8, ge=1)
-    lr: float = Field(1e-5, gt=0)
-    prompts: int = Field(64, ge=1)  # training captions whose trajectories calibrate (and train)
-    check_prompts: int = Field(8, ge=1)  # validation captions whose trajectories measure the error
-    sampling_steps: int = Field(4, ge=1)
-    guidance: float = Field(7.5, ge=0)
+    backend: Backend = Field("xnnpack", description="The runtime the UNet is quantized for: xnnpack (ExecuTorch), "
+                                                    "onnx-int8 (onnxruntime QDQ), coreml-w8a8 and coreml-palette4/6 "
+                                                    "(Core ML), brevitas-w4a8 (ONNX QCDQ, research).")
+    layers: Literal["linear", "conv+linear"] = Field("conv+linear", description="The layer types quantized.")
+    attention: bool = Field(False, description="Also int8 the attention matmuls' operands (QKᵀ, AV): onnx-int8, "
+                                               "coreml-w8a8.")
+    keep: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding"],
+                            description="UNet modules kept fp32.")
+    keep_sensitive: int = Field(0, ge=0, description="Also keep fp32 the N layers quantization hurts most (measured "
+                                                     "one by one).")
+    qat_steps: int = Field(0, ge=0, description="Quantization-aware training steps; 0: post-training only.")
+    feature_weight: float = Field(0.0, ge=0, description="QAT: weight of the normalised stage-output KD terms beside "
+                                                         "the output term; 0: output only.")
+    batch: int = Field(8, ge=1, description="UNet calls per calibration and QAT batch.")
+    lr: float = Field(1e-5, gt=0, description="QAT learning rate.")
+    prompts: int = Field(64, ge=1, description="Training captions whose trajectories calibrate and train.")
+    check_prompts: int = Field(8, ge=1, description="Validation captions whose trajectories measure the error.")
+    sampling_steps: int = Field(4, ge=1, description="Steps of each recorded trajectory.")
+    guidance: float = Field(7.5, ge=0, description="Guidance of the recorded trajectories.")
 
     @model_validator(mode="after")
     def attention_where_it_runs(self):

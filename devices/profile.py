@@ -28,15 +28,16 @@ _FORMAT_FOLDERS = {"onnxruntime": "onnx", "executorch": "executorch", "coreml": 
 
 class ProfileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    backend: Literal["onnxruntime", "executorch", "coreml", "torch"] = "onnxruntime"
-    device: str = "host-cpu"
+    backend: Literal["onnxruntime", "executorch", "coreml", "torch"] = Field(
+        "onnxruntime", description="The runtime that times it (coreml on macOS; torch: a model folder in eager).")
+    device: str = Field("host-cpu", description="Device profile: host-cpu, host-gpu, or a phone (over adb / a Mac).")
     components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]] = Field(
-        default_factory=lambda: ["unet"], min_length=1)
-    runs: int = Field(20, ge=1)
-    warmup: int = Field(3, ge=0)
-    batch: int | None = Field(None, ge=1)  # default: what the pipeline feeds per call
-    threads: int | None = Field(None, ge=1)
-    runner: Path | None = None  # phone: the runtime's benchmark binary to push
+        default_factory=lambda: ["unet"], min_length=1, description="The components timed.")
+    runs: int = Field(20, ge=1, description="Timed runs.")
+    warmup: int = Field(3, ge=0, description="Untimed runs first.")
+    batch: int | None = Field(None, ge=1, description="Batch per call (default: what the pipeline feeds).")
+    threads: int | None = Field(None, ge=1, description="Runtime threads (default: the runtime's).")
+    runner: Path | None = Field(None, description="Phone: the runtime's benchmark binary to push.")
 
 
 def component_file(target: Path, backend: str, component: str) -> Path:

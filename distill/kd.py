@@ -38,17 +38,18 @@ class KDConfig(RunSettings, latent_data.DataSettings):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(300, ge=1)
-    batch: int = Field(64, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    task_weight: float = Field(1.0, ge=0)
-    output_weight: float = Field(1.0, ge=0)
-    feature_weight: float = Field(1.0, ge=0)
-    features: Literal["blocks", "self-attention", "none"] = "blocks"
-    normalize: bool = True  # LAPTOP-Diff: each feature term relative to the teacher feature's mean square
-    caption_dropout: float = Field(0.1, ge=0, le=1)  # empty prompts, so the unconditional branch is distilled too
-    ema_decay: float = Field(0.0, ge=0, lt=1)
-    gradient_checkpointing: bool = False
+    steps: int = Field(300, ge=1, description="Optimiser steps.")
+    batch: int = Field(64, ge=1, description="Latents per step.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate.")
+    task_weight: float = Field(1.0, ge=0, description="Weight of the denoising loss on the data.")
+    output_weight: float = Field(1.0, ge=0, description="Weight of the output KD term (the teacher's prediction).")
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the feature KD terms.")
+    features: Literal["blocks", "self-attention", "none"] = Field("blocks", description="Feature KD places.")
+    normalize: bool = Field(True, description="LAPTOP-Diff: each feature term relative to the teacher feature's mean square.")
+    caption_dropout: float = Field(0.1, ge=0, le=1,
+                                   description="Share of empty prompts, so the unconditional branch is distilled too.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the saved student; 0: none.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory.")
 
     @model_validator(mode="after")
     def some_loss(self):

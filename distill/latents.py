@@ -32,10 +32,11 @@ from .trainer import epoch_batches
 class DataSettings(BaseModel):
     """Where a distillation run's latents come from: an image–caption set, or captions the teacher samples."""
 
-    data: str = "openmoji"  # an image–caption set: 'openmoji' or a folder with metadata.jsonl
-    captions: str | None = None  # data-free instead: a captions file, the teacher's samples as the data
-    teacher_steps: int = Field(25, ge=1)  # data-free sampling
-    teacher_guidance: float = Field(7.5, ge=0)
+    data: str = Field("openmoji", description="'openmoji' or a folder of images with metadata.jsonl.")
+    captions: str | None = Field(
+        None, description="Data-free instead: a captions file (one per line); the teacher's samples become the data.")
+    teacher_steps: int = Field(25, ge=1, description="Data-free: sampling steps of the teacher.")
+    teacher_guidance: float = Field(7.5, ge=0, description="Data-free: guidance of the teacher.")
 
 
 @dataclass(frozen=True)

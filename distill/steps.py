@@ -51,25 +51,31 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lcm", "progressive", "dmd"] = "lcm"
-    steps: int = Field(500, ge=1)  # optimiser steps (per round for progressive)
-    batch: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    guidance_min: float = Field(3.0, ge=1)  # guidance scale drawn per sample, embedded into the student
-    guidance_max: float = Field(9.0, ge=1)
-    solver_steps: int = Field(50, ge=2)  # lcm, dmd: LCMScheduler's original_inference_steps (lcm: the teacher's DDIM grid)
-    loss: Literal["huber", "l2"] = "huber"  # lcm
-    huber_c: float = Field(0.001, gt=0)
-    target_decay: float = Field(0.95, ge=0, lt=1)  # lcm: EMA rate of the target network
-    start_steps: int = Field(16, ge=2)  # progressive: the teacher's steps in round 1; each round halves
-    final_steps: int = Field(1, ge=1)  # progressive: the last student's steps
-    prediction: Literal["teacher", "epsilon", "v_prediction", "sample"] = "teacher"  # progressive: student output
-    ema_decay: float = Field(0.0, ge=0, lt=1)  # progressive, dmd: EMA of the saved student
-    fake_updates: int = Field(1, ge=1)  # dmd: fake-score updates per generator update (DMD2's two time-scale rule: 5)
-    regression_weight: float = Field(1.0, ge=0)  # dmd: weight of the teacher-pair regression (0: distribution matching only)
-    regression_pairs: int = Field(1024, ge=1)  # dmd: prompts the guided teacher samples once (teacher_steps steps)
-    dm_min_step: int = Field(20, ge=0)  # dmd: noise levels of the distribution-matching gradient (DMD2: 2 %–98 %)
-    dm_max_step: int = Field(980, ge=0)
+    method: Literal["lcm", "progressive", "dmd"] = Field("lcm", description="lcm, progressive or dmd (distribution "
+                                                                           "matching).")
+    steps: int = Field(500, ge=1, description="Optimiser steps (per round for progressive).")
+    batch: int = Field(32, ge=1, description="Latents per step.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate.")
+    guidance_min: float = Field(3.0, ge=1, description="Lowest guidance scale distilled into the student (drawn per "
+                                                       "sample).")
+    guidance_max: float = Field(9.0, ge=1, description="Highest guidance scale distilled into the student.")
+    solver_steps: int = Field(50, ge=2, description="lcm, dmd: LCMScheduler's original_inference_steps (lcm: the "
+                                                    "teacher's DDIM grid).")
+    loss: Literal["huber", "l2"] = Field("huber", description="lcm: the consistency loss.")
+    huber_c: float = Field(0.001, gt=0, description="lcm: the pseudo-Huber loss's c.")
+    target_decay: float = Field(0.95, ge=0, lt=1, description="lcm: EMA rate of the target network.")
+    start_steps: int = Field(16, ge=2, description="progressive: the teacher's steps in round 1; each round halves.")
+    final_steps: int = Field(1, ge=1, description="progressive: the last student's steps.")
+    prediction: Literal["teacher", "epsilon", "v_prediction", "sample"] = Field(
+        "teacher", description="progressive: the student's output.")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="progressive, dmd: EMA of the saved student.")
+    fake_updates: int = Field(1, ge=1, description="dmd: fake-score updates per generator update (DMD2's two "
+                                                   "time-scale rule uses 5).")
+    regression_weight: float = Field(1.0, ge=0, description="dmd: weight of the regression to the teacher's samples; "
+                                                            "0: distribution matching only.")
+    regression_pairs: int = Field(1024, ge=1, description="dmd: prompts the guided teacher samples once.")
+    dm_min_step: int = Field(20, ge=0, description="dmd: lowest noise level of the distribution-matching gradient.")
+    dm_max_step: int = Field(980, ge=0, description="dmd: highest noise level of the distribution-matching gradient.")
 
     @model_validator(mode="after")
     def coherent(self):

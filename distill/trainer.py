@@ -46,12 +46,13 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
-    checkpoint_every: int = Field(100, ge=1)
-    log_every: int = Field(10, ge=1)
-    seed: int = 0
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear learning-rate warm-up.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip; 0: none.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Training precision; auto: bf16 on CUDA, fp32 elsewhere.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints a killed run resumes from.")
+    log_every: int = Field(10, ge=1, description="Steps between rows of log.csv.")
+    seed: int = Field(0, description="Seed of every random draw: batches, noise, timesteps.")
 
     def train_config(self, steps: int, lr: float, ema_decay: float = 0.0) -> TrainConfig:
         return TrainConfig(steps=steps, lr=lr, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,

@@ -26,14 +26,15 @@ from .trainer import RunSettings, Trainer, epoch_batches
 
 
 class SlimVAEConfig(RunSettings):
-    width: float = Field(0.5, gt=0, le=1)  # channels kept per stage (rounded to the norm groups)
-    layers_per_block: int | None = Field(None, ge=1)  # default: the teacher's
-    steps: int = Field(1000, ge=1)
-    batch: int = Field(32, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    warmup_steps: int = Field(50, ge=0)
-    data: str = "openmoji"  # an image set: 'openmoji' or a folder with metadata.jsonl
-    checkpoint_every: int = Field(200, ge=1)
+    width: float = Field(0.5, gt=0, le=1, description="Share of the channels each VAE stage keeps (rounded to the "
+                                                      "norm groups).")
+    layers_per_block: int | None = Field(None, ge=1, description="Resnets per stage (default: the teacher's).")
+    steps: int = Field(1000, ge=1, description="Optimiser steps.")
+    batch: int = Field(32, ge=1, description="Images per step.")
+    lr: float = Field(5e-4, gt=0, description="Learning rate.")
+    warmup_steps: int = Field(50, ge=0, description="Steps of linear learning-rate warm-up.")
+    data: str = Field("openmoji", description="'openmoji' or a folder of images with metadata.jsonl.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints a killed run resumes from.")
 
 
 def slim_config(teacher: dict, width: float, layers_per_block: int | None) -> dict:

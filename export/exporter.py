@@ -37,23 +37,28 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    to: list[Format] = Field(default_factory=lambda: ["onnx"], min_length=1)
-    precision: Literal["fp32", "fp16", "int8"] | None = None  # None: each format's default (Core ML fp16)
-    # an SDXL pipeline's "text_encoder" is both its encoders (text_encoder_2 goes beside the first)
+    to: list[Format] = Field(default_factory=lambda: ["onnx"], min_length=1, description="The formats.")
+    precision: Literal["fp32", "fp16", "int8"] | None = Field(
+        None, description="Default: each format's (Core ML fp16; int8 for a model `quantize` made for the format).")
     components: list[Literal["text_encoder", "unet", "vae_encoder", "vae_decoder"]] = Field(
-        default_factory=lambda: list(PIPELINE_COMPONENTS), min_length=1)
-    executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1)
-    prompts: list[str] = Field(default_factory=lambda: ["red apple", "rocket"], min_length=1)
-    steps: int = Field(4, ge=1)
-    # the image check's guidance; a guidance-distilled student's Core ML UNet runs at it (Swift feeds no guidance input)
-    guidance: float = Field(7.5, ge=0)
+        default_factory=lambda: list(PIPELINE_COMPONENTS), min_length=1,
+        description="The components exported (an SDXL pipeline's text_encoder is both its encoders).")
+    executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1,
+                                           description="ExecuTorch partitioners: xnnpack, coreml, mps, vulkan, qnn.")
+    prompts: list[str] = Field(default_factory=lambda: ["red apple", "rocket"], min_length=1,
+                               json_schema_extra={"free_text": True}, description="Prompts of the image check.")
+    steps: int = Field(4, ge=1, description="Sampling steps of the image check.")
+    guidance: float = Field(7.5, ge=0, description="Guidance of the image check; a guidance-distilled student's Core "
+                                                   "ML UNet has it folded in (Swift feeds no guidance input).")
     thresholds: parity.ParityThresholds = Field(default_factory=parity.ParityThresholds)
-    workers: int = Field(1, ge=1)  # processes exporting components side by side; each holds its own copy of the model
-    chunk_unet: bool = False  # Core ML: the UNet as UnetChunk1 + UnetChunk2 (Swift's layout for large UNets on iOS)
-    # Core ML: the UNet's attention as converted; split_einsum is Apple's Neural Engine layout (see split_einsum.py)
-    coreml_attention: Literal["original", "split_einsum", "split_einsum_v2"] = "original"
-    # Core ML: a batch-one UNet that Swift calls twice per guided step (Apple's --unet-batch-one); students always are
-    unet_batch_one: bool = False
+    workers: int = Field(1, ge=1, description="Processes exporting components side by side (each loads the model).")
+    chunk_unet: bool = Field(False, description="Core ML: the UNet as UnetChunk1 + UnetChunk2, as Swift loads large "
+                                                "UNets on iOS.")
+    coreml_attention: Literal["original", "split_einsum", "split_einsum_v2"] = Field(
+        "original", description="Core ML UNet attention: split_einsum is Apple's Neural Engine layout, "
+                                "split_einsum_v2 its queries in chunks.")
+    unet_batch_one: bool = Field(False, description="Core ML: a batch-one UNet, called twice per guided step "
+                                                    "(Apple's --unet-batch-one); a guidance-distilled student's always is.")
 
     @model_validator(mode="after")
     def core_ml_options_need_its_unet(self):

@@ -20,11 +20,11 @@ class ParityThresholds(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_abs_fp32: float = Field(1e-3, gt=0)
-    max_rel_fp16: float = Field(5e-2, gt=0)
-    psnr_fp32: float = 40.0
-    psnr_fp16: float = 30.0
-    psnr_int8: float = 25.0
+    max_abs_fp32: float = Field(1e-3, gt=0, description="fp32: per-component max-abs error limit.")
+    max_rel_fp16: float = Field(5e-2, gt=0, description="fp16: per-component relative error limit.")
+    psnr_fp32: float = Field(40.0, description="fp32: end-to-end image PSNR limit in dB.")
+    psnr_fp16: float = Field(30.0, description="fp16: end-to-end image PSNR limit in dB.")
+    psnr_int8: float = Field(25.0, description="int8: end-to-end image PSNR limit in dB.")
 
 
 def compare(expected: dict, got: dict) -> dict:

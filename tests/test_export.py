@@ -130,7 +130,7 @@ def test_image_check_samples_torch_as_the_runtime_does(tiny_pipeline):
 
 def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
     result = subprocess.run(["pocketdiff", "export", str(tiny_pipeline), "--to", "onnx", "--components", "text_encoder",
-                             "--max-abs", "1e-12", "--out", str(tmp_path)], capture_output=True, text=True)
+                             "--max-abs-fp32", "1e-12", "--out", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "onnx text_encoder: max-abs error" in result.stderr
     assert not json.loads((tmp_path / "onnx" / "parity.json").read_text())["ok"]

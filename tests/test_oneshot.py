@@ -163,7 +163,7 @@ def test_cli_prune_to_target_and_its_errors(three_stage_pipeline, sd15_unet_fold
         ((str(three_stage_pipeline / "unet"), "--target", "macs=0.5"), "the distortion criterion samples the teacher pipeline"),
         ((str(three_stage_pipeline), "--target", "latency=0.5", "--criterion", "random", "--latency-table",
           str(tmp_path / "missing.json")), "not a latency table"),
-        ((str(three_stage_pipeline), "--target", "params=0.5", "--preset", "bk-small"), "prune needs --preset"),
+        ((str(three_stage_pipeline), "--target", "params=0.5", "--preset", "bk-small"), "give preset and/or remove, or else target"),
         ((str(three_stage_pipeline), "--remove", "mid_block,up_blocks.1.atentions"), "'up_blocks.1.atentions' is not a"),
         ((str(three_stage_pipeline), "--preset", "bk-small", "--remove", "mid_block"),
          "mid_block cannot go after bk-small: it is gone already"),

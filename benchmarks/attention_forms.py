@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from attention_int8 import command_line, print_table, transformer_inputs  # beside this script
-from pocketdiff.export.executorch import attention_processor, classic_attention
+from pocketdiff.compress.unet_graph import attention_processor, classic_attention
 
 
 def lower(model: torch.nn.Module, args: tuple, path: Path) -> Path:

@@ -18,7 +18,7 @@ import types
 import torch
 
 from ..errors import UserError
-from .unet_graph import ROOT, graph_inputs, traced
+from .unet_graph import ROOT, classic_attention, graph_inputs, traced
 
 # Weight ranges per target. onnxruntime's x86 int8 kernels without VNNI multiply u8×s8 pairs into
 # int16 (VPMADDUBSW), which saturates with 8-bit weights; its own quantizer's answer is 7-bit
@@ -157,8 +157,6 @@ def prepare(module: torch.nn.Module, args: tuple, layers: str, keep: list[str], 
             scheme: str, attention: bool = False) -> torch.fx.GraphModule:
     """`module` exported at `args`' shapes with observers (or fake-quantizers, for QAT) on the chosen layers."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
-
-    from ..export.executorch import classic_attention
 
     with classic_attention(module):  # the graph ExecuTorch lowers: no safe-softmax guards left on portable kernels
         graph = torch.export.export(module, args).module()

@@ -16,6 +16,7 @@ import torch
 
 from .. import modelio
 from ..compress.pt2e_int8 import build_int8
+from ..compress.unet_graph import UNet
 from ..errors import UserError
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -66,26 +67,6 @@ def pipeline_component_names(pipe, asked: list[str]) -> list[str]:
     if modelio.is_sdxl(pipe) and "text_encoder" in names:
         names.insert(names.index("text_encoder") + 1, "text_encoder_2")
     return names
-
-
-def unet_conditions(names: tuple[str, ...], values) -> tuple[dict | None, dict]:
-    """A UNet's extra inputs by name: SDXL's `text_embeds` / `time_ids` (diffusers' `added_cond_kwargs`, None
-    where absent) and the rest (LCM's `timestep_cond`)."""
-    named = dict(zip(names, values))
-    return {k: named.pop(k) for k in ("text_embeds", "time_ids") if k in named} or None, named
-
-
-class UNet(torch.nn.Module):
-    """A scalar `timestep`, and SDXL's / LCM's extra conditions as plain inputs."""
-
-    def __init__(self, unet, extra: tuple[str, ...]):
-        super().__init__()
-        self.unet, self.extra = unet, extra
-
-    def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        added, named = unet_conditions(self.extra, extra)
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added,
-                         return_dict=False, **named)[0]
 
 
 class VaeEncoder(torch.nn.Module):

@@ -43,7 +43,8 @@ from ..compress.backends import int8_backends
 from ..errors import UserError
 from . import unet_chunks
 from ..stockformat import write_vocab_and_merges
-from .components import Component, UNet, quiet_tracing, require_saved_int8, saved_int8_unet
+from ..compress.unet_graph import UNet
+from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
 from .protocol import ExportFormat
 from .runtime import guidance_embedding
 from .split_einsum import QUERY_CHUNK, split_einsum_unet

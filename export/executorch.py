@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import importlib
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..compress import pt2e_int8
 from ..compress.backends import int8_backends
+from ..compress.unet_graph import classic_attention
 from ..errors import UserError
 from .components import Component, quiet_tracing
 from .layout import write_optimum_layout
@@ -93,60 +93,6 @@ def _fit_batch(value: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
     if value.dim() == 0 or value.shape[0] == example.shape[0]:
         return value
     return value.repeat(-(-example.shape[0] // value.shape[0]), *([1] * (value.dim() - 1)))[:example.shape[0]]
-
-
-def _scaled_query_scores(layer):
-    """Attention's probabilities from a plain batched matmul of the scaled query.
-
-    diffusers' `get_attention_scores` computes baddbmm(empty, Q, Kᵀ, beta=0, alpha=scale), which the
-    exporters write as the empty input expanded to the scores' shape, two scalar multiplies and an add
-    over all heads × tokens² scores: at SD-1.5's 4,096 tokens those took onnxruntime longer than the
-    matmul itself. Scaling Q first (heads × tokens × head_dim values) is the same product."""
-    def scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = query.dtype
-        if layer.upcast_attention:
-            query, key = query.float(), key.float()
-        logits = torch.bmm(query * layer.scale, key.transpose(-1, -2))
-        if attention_mask is not None:
-            logits = logits + attention_mask
-        if layer.upcast_softmax:
-            logits = logits.float()
-        probabilities = logits.softmax(dim=-1)
-        return probabilities if probabilities.dtype == dtype else probabilities.to(dtype)  # no copy traced
-
-    return scores
-
-
-@contextmanager
-def attention_processor(module: torch.nn.Module, processor: type):
-    """Every diffusers `Attention` in `module` runs a fresh `processor()`; the processors are put back after."""
-    from diffusers.models.attention_processor import Attention
-
-    layers = [m for m in module.modules() if isinstance(m, Attention)]
-    saved = [m.processor for m in layers]
-    for layer in layers:
-        layer.set_processor(processor())
-    try:
-        yield layers
-    finally:
-        for layer, kept in zip(layers, saved):
-            layer.set_processor(kept)
-
-
-@contextmanager
-def classic_attention(module: torch.nn.Module):
-    """Trace diffusers' attention as explicit matmul-softmax-matmul (same math, the scale on Q), then put the
-    processors back."""
-    from diffusers.models.attention_processor import AttnProcessor
-
-    with attention_processor(module, AttnProcessor) as layers:
-        for layer in layers:
-            layer.get_attention_scores = _scaled_query_scores(layer)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                del layer.get_attention_scores
 
 
 def lower(module: torch.nn.Module, args: tuple, backends: tuple[str, ...] = ("xnnpack",)) -> bytes:

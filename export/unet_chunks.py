@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .components import unet_conditions
+from ..compress.unet_graph import unet_conditions
 
 HIDDEN, TIME = "hidden_states", "time_embedding"  # not `sample`: the first chunk's outputs must not shadow the UNet's inputs
 

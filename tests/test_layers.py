@@ -8,15 +8,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"core": 0, "distill": 1, "compress": 1, "export": 2, "devices": 3, "apps": 4}
-# Edges still against the order, each to be removed rather than added to: MAC counting lives in devices/ but
-# pruning and the slim VAE measure with it; QAT trains with distill's trainer and KD taps while KD reads
-# compress' block plans; int8 building traces with export's wrappers and lowers with its ExecuTorch path.
+# Edges still against the order, each to be removed rather than added to: MAC counting and latency tables live
+# in devices/ but pruning and the slim VAE measure with them; QAT trains with distill's trainer and KD's taps
+# while KD reads compress' block plans.
 KNOWN = {
     ("compress.oneshot", "devices.macs"), ("compress.prune", "devices.macs"), ("compress.prune", "devices.lookup"),
     ("distill.vae", "devices.macs"), ("distill.kd", "compress.blocks"), ("compress.qat", "distill.kd"),
     ("compress.quantize", "distill.trainer"), ("compress.backends", "distill.trainer"), ("compress.quantize", "distill"),
-    ("compress.unet_graph", "export.components"),
-    ("compress.pt2e_int8", "export.executorch"),
 }
 
 

@@ -21,7 +21,7 @@ from ..compress.prune import PruneConfig
 from ..compress.prune import prune as run_prune
 from ..compress.quantize import QuantizeConfig
 from ..devices.profile import ProfileConfig
-from ..distill.steps import StepDistillConfig
+from ..distill.step_common import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
 from ..errors import UserError
 from ..export.exporter import ExportConfig

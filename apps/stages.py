@@ -18,7 +18,7 @@ from ..compress.quantize import QuantizeConfig
 from ..compress.saved import load_shipped_pipeline
 from ..devices.profile import ProfileConfig
 from ..distill.kd import KDConfig
-from ..distill.steps import StepDistillConfig
+from ..distill.step_common import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
 from ..errors import UserError

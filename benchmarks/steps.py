@@ -25,7 +25,8 @@ import torch
 from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
-from pocketdiff.distill.steps import StepDistillConfig, distill_steps
+from pocketdiff.distill.step_common import StepDistillConfig
+from pocketdiff.distill.steps import distill_steps
 
 
 def main() -> None:

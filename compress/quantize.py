@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
+from ..distill import data
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged
 from . import sensitivity
 from .backends import BACKENDS, SPEC_FILE
@@ -75,8 +76,6 @@ def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def _captions(split: str, count: int, seed: int) -> list[str]:
-    from ..distill import data
-
     captions = data.load_emoji(32, split).captions
     return [captions[i] for i in np.random.default_rng([seed, count]).choice(len(captions), count, replace=False)]
 

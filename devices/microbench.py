@@ -9,7 +9,10 @@ how close it comes to what this machine demonstrably does.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,17 +61,32 @@ def measure(name: str) -> dict:
                  "int8": gemm_tops(torch.int8, 8192, "cuda")}
         return {"device": torch.cuda.get_device_name(), "compute": {"gpu": peaks},
                 "memory_bandwidth_gb_s": copy_gb_s(1024, "cuda")}
-    from .profiles import host_key
-
     # torch's CPU int8 matmul is a reference kernel, far from what XNNPACK reaches: no int8 peak to measure with
     peaks = {"fp32": gemm_tops(torch.float32, 2048), "int8": None}
     return {"device": json.loads(host_key())[0], "compute": {"cpu": peaks}, "memory_bandwidth_gb_s": copy_gb_s(512)}
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("POCKETDIFF_CACHE", Path.home() / ".cache" / "pocketdiff")) / "devices"
+
+
+def host_key() -> str:
+    """What a host measurement is valid for: processor, core count, torch build."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return json.dumps([cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__])
+
+
 def measured_host(name: str) -> dict:
     """The cached measurement for this machine, measured now (a few seconds) when missing or stale."""
-    from .profiles import cache_dir, host_key
-
     path = cache_dir() / f"{name}.json"
     key = host_key()
     if path.exists():

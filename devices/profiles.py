@@ -10,9 +10,6 @@ cached per machine, since the same YAML serves every host.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
+from .microbench import measured_host
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 DTYPES = ("fp32", "fp16", "int8")
@@ -88,32 +86,11 @@ def load_profile(name: str) -> DeviceProfile:
     except ValidationError as err:
         raise UserError(f"{path}: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
     if profile.kind == "host":
-        from .microbench import measured_host
-
         measured = measured_host(name)
         profile.compute = measured["compute"]
         profile.memory_bandwidth_gb_s = measured["memory_bandwidth_gb_s"]
         profile.device = f"{profile.device}: {measured['device']}"
     return profile
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("POCKETDIFF_CACHE", Path.home() / ".cache" / "pocketdiff")) / "devices"
-
-
-def host_key() -> str:
-    """What a host measurement is valid for: processor, core count, torch build."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return json.dumps([cpu, os.cpu_count(), torch.get_num_threads(), torch.__version__])
 
 
 def write_fraction(name: str, fraction: float) -> None:

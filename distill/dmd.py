@@ -35,7 +35,7 @@ from .conditions import TextConditions, caption_ids
 from .latents import digest_of, save_atomic
 from .diffusion import (GuidedTeacher, alpha_at, as_column, boundary_scalings, ddim_to, guidance_embedding, output_for,
                         with_guidance_input, x0_and_eps)
-from .steps import BatchParts, StepDistillConfig, train_round
+from .step_common import BatchParts, StepDistillConfig, train_round
 from .trainer import Trainer, epoch_batches
 
 CHAINS = (1, 2, 4)  # the step counts the student is trained to sample in (LCMScheduler's timesteps for each)

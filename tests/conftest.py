@@ -166,7 +166,8 @@ def image_folder(tmp_path_factory) -> Path:
 def lcm_student(tiny_pipeline, image_folder, tmp_path_factory) -> tuple[Path, dict]:
     """The tiny pipeline LCM-distilled for 30 steps: a few-step student with guidance in its weights, and its report."""
     from pocketdiff import modelio
-    from pocketdiff.distill.steps import StepDistillConfig, distill_steps
+    from pocketdiff.distill.step_common import StepDistillConfig
+    from pocketdiff.distill.steps import distill_steps
 
     out = tmp_path_factory.mktemp("lcm") / "student"
     config = StepDistillConfig(steps=30, batch=8, lr=1e-3, data=str(image_folder), checkpoint_every=3, log_every=1)

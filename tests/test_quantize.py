@@ -162,7 +162,7 @@ def test_qat_distils_every_stage_output(tiny_pipeline, tmp_path, backend):
 
 
 def test_a_guidance_student_is_quantized_with_its_guidance_input(tiny_pipeline, tmp_path):
-    from pocketdiff.distill.steps import with_guidance_input
+    from pocketdiff.distill.diffusion import with_guidance_input
 
     folder = tmp_path / "student"
     shutil.copytree(tiny_pipeline, folder)

@@ -13,7 +13,8 @@ from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedul
 from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.distill import diffusion, latents, steps
-from pocketdiff.distill.steps import StepDistillConfig, distill_steps
+from pocketdiff.distill.step_common import StepDistillConfig
+from pocketdiff.distill.steps import distill_steps
 from pocketdiff.distill.zoo import scheduler_config
 from tests.conftest import tiny_unet_config
 

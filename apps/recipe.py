@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UserError
+from .stages import STAGES
 
 
 class RecipeHeader(BaseModel):
@@ -104,8 +105,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def parse_recipe(text: str, source: str = "recipe", overrides: list[str] = ()) -> Recipe:
     """Validate recipe text; every problem becomes one `UserError` line naming field and line."""
-    from .stages import STAGES
-
     try:
         root = yaml.compose(text)
         raw = yaml.safe_load(text)

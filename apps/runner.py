@@ -15,7 +15,6 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -25,40 +24,10 @@ from rich.console import Console
 from .. import modelio
 from ..folderhash import LOG, MANIFEST, hash_model_folder
 from .recipe import Recipe, stage_folder_name
+from .stages import STAGES, LoggedConsole, StageContext
 
 _VERSIONED = ("pocketdiff", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "executorch",
               "coremltools", "nncf", "brevitas", "accelerate")
-
-
-class LoggedConsole:
-    """What a stage prints goes to the terminal and, as plain text, to its folder's log.txt."""
-
-    def __init__(self, console: Console, log: Console):
-        self.console, self.log = console, log
-
-    def print(self, *args, **kwargs) -> None:
-        self.console.print(*args, **kwargs)
-        self.log.print(*args, **kwargs)
-
-
-@dataclass
-class StageContext:
-    """What a stage function gets besides its config."""
-
-    model: modelio.ModelRef  # the input model
-    out: Path  # the stage folder: write outputs (and a diffusers model, for producing stages) here
-    seed: int
-    console: Console | LoggedConsole = field(default_factory=Console)
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoint"
-
-
-@dataclass
-class StageResult:
-    metrics: dict = field(default_factory=dict)
-    produced_model: bool = False
 
 
 def config_hash(stage: str, config: dict, seed: int) -> str:
@@ -105,8 +74,6 @@ def seeded(config, seed: int):
 
 def run_recipe(recipe: Recipe, runs_root: Path = Path("runs"), console: Console | None = None) -> Path:
     """Execute the recipe's stages in order; returns the run folder."""
-    from .stages import STAGES
-
     console = console or Console()
     run_dir = Path(runs_root) / recipe.name
     model = modelio.open_model(recipe.model)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
 
+from .. import modelio
 from ..compress.prune import PruneConfig, prune
 from ..compress.quantize import QuantizeConfig
 from ..compress.saved import load_shipped_pipeline
@@ -23,7 +26,37 @@ from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
 from ..errors import UserError
 from ..progress import progress_bar
-from .runner import StageContext, StageResult
+
+
+class LoggedConsole:
+    """What a stage prints goes to the terminal and, as plain text, to its folder's log.txt."""
+
+    def __init__(self, console: Console, log: Console):
+        self.console, self.log = console, log
+
+    def print(self, *args, **kwargs) -> None:
+        self.console.print(*args, **kwargs)
+        self.log.print(*args, **kwargs)
+
+
+@dataclass
+class StageContext:
+    """What a stage function gets besides its config."""
+
+    model: modelio.ModelRef  # the input model
+    out: Path  # the stage folder: write outputs (and a diffusers model, for producing stages) here
+    seed: int
+    console: Console | LoggedConsole = field(default_factory=Console)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+
+@dataclass
+class StageResult:
+    metrics: dict = field(default_factory=dict)
+    produced_model: bool = False
 
 
 class StageConfig(BaseModel):

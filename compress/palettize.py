@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parametrize
 
-from .sensitivity import candidates
+from .unet_graph import candidates
 
 ITERATIONS = 30
 

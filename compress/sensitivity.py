@@ -12,14 +12,8 @@ from __future__ import annotations
 
 import torch
 
-KINDS = {"linear": (torch.nn.Linear,), "conv+linear": (torch.nn.Linear, torch.nn.Conv2d)}
-
-
-def candidates(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module]:
-    """The layers a backend quantizes: the chosen kinds, outside the kept modules (names or their prefixes)."""
-    return {name: module for name, module in unet.named_modules() if isinstance(module, KINDS[layers])
-            and not any(name == k or name.startswith(k + ".") for k in keep)}
-
+from .palettize import fit
+from .unet_graph import candidates
 
 def _int8_weight(weight: torch.Tensor, qmax: int) -> torch.Tensor:
     flat = weight.detach().flatten(1).abs().amax(1).clamp(min=1e-8)
@@ -30,8 +24,6 @@ def _int8_weight(weight: torch.Tensor, qmax: int) -> torch.Tensor:
 
 def _weight(weight: torch.Tensor, scheme: dict) -> torch.Tensor:
     if "bits" in scheme:
-        from .palettize import fit
-
         table, index = fit(weight, scheme["bits"])
         return table[index].reshape(weight.shape).to(weight.dtype)
     return _int8_weight(weight, scheme["weight_qmax"])

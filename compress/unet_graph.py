@@ -16,6 +16,7 @@ import torch
 
 from .calibration import extra_conditions
 
+KINDS = {"linear": (torch.nn.Linear,), "conv+linear": (torch.nn.Linear, torch.nn.Conv2d)}
 ROOT = "unet"  # the float UNet's attribute in the traced wrapper: its parameters are `unet.<name>` in the graph
 
 
@@ -81,6 +82,12 @@ def whole_batches(rows: dict[str, torch.Tensor], size: int):
 @torch.no_grad()
 def outputs(module, rows: dict[str, torch.Tensor], size: int) -> torch.Tensor:
     return torch.cat([module(*batch_args(batch)) for batch in whole_batches(rows, size)])
+
+
+def candidates(unet, layers: str, keep: list[str]) -> dict[str, torch.nn.Module]:
+    """The layers a backend quantizes: the chosen kinds, outside the kept modules (names or their prefixes)."""
+    return {name: module for name, module in unet.named_modules() if isinstance(module, KINDS[layers])
+            and not any(name == k or name.startswith(k + ".") for k in keep)}
 
 
 def layer_counts(unet, names: list[str]) -> dict[str, int]:

@@ -20,6 +20,7 @@ import pocketdiff
 from ..compress.prune import PruneConfig
 from ..compress.prune import prune as run_prune
 from ..compress.quantize import QuantizeConfig
+from ..devices.lookup import table_for
 from ..devices.profile import ProfileConfig
 from ..distill.step_common import StepDistillConfig
 from ..distill.vae import SlimVAEConfig
@@ -117,7 +118,7 @@ def inspect_(model: ModelArg,
              json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the counts as JSON here ('-' for stdout).")] = None,
              allow_pickle: AllowPickle = False):
     """Parameters and MACs per block: conv+linear (BK-SDM's convention) and attention matmuls apart."""
-    from ..devices.macs import census_model
+    from ..macs import census_model
 
     censuses = census_model(_open(model, allow_pickle), resolution)
     if json_out == Path("-"):
@@ -135,7 +136,8 @@ def prune(model: ModelArg,
           out: Annotated[Path, typer.Option(help="Folder for the pruned model (diffusers format).")],
           allow_pickle: AllowPickle = False, *, config: PruneConfig):
     """Remove UNet blocks (a BK-SDM preset, named units, or one-shot to a target) and save a model stock diffusers loads."""
-    report = run_prune(_open(model, allow_pickle), config, out)
+    ref = _open(model, allow_pickle)
+    report = run_prune(ref, config, out, table_for(ref, config))
     if config.remove:
         title = (f"{config.preset or 'teacher'} without {len(report['removed_units'])} units: "
                  f"removed {len(report['removed'])} layers")

@@ -20,7 +20,7 @@ import torch
 
 from .. import modelio
 from ..compress.saved import load_shipped_pipeline
-from ..devices.macs import census_model
+from ..macs import census_model
 from ..errors import UserError
 from ..charts import latency_chart, quality_chart
 from .page import Details, Figure, Section, Table, write_page

@@ -19,6 +19,7 @@ from .. import modelio
 from ..compress.prune import PruneConfig, prune
 from ..compress.quantize import QuantizeConfig
 from ..compress.saved import load_shipped_pipeline
+from ..devices.lookup import table_for
 from ..devices.profile import ProfileConfig
 from ..distill.kd import KDConfig
 from ..distill.step_common import StepDistillConfig
@@ -85,7 +86,7 @@ class EvaluateConfig(StageConfig):
 
 
 def run_prune(config: PruneConfig, ctx: StageContext) -> StageResult:
-    report = prune(ctx.model, config, ctx.out)
+    report = prune(ctx.model, config, ctx.out, table_for(ctx.model, config))
     keys = ("params_before", "params_after", "macs_before", "macs_after", "attention_macs_before", "attention_macs_after")
     return StageResult({**{k: report[k] for k in keys}, "removed_layers": len(report["removed"])}, produced_model=True)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ..charts import pareto_chart
-from ..devices.macs import census_model
+from ..macs import census_model
 from .. import modelio
 from ..errors import UserError
 from .page import Figure, Section, Table, write_page

@@ -17,7 +17,7 @@ import json
 import random
 import time
 
-from pocketdiff.compress.blocks import preset_config, student_config, teacher_plan
+from pocketdiff.distill.blocks import preset_config, student_config, teacher_plan
 from pocketdiff.compress.oneshot import Costs, apply_all, removable_units
 from pocketdiff.devices.anchors import SD15_UNET
 from pocketdiff.devices.lookup import build_table

@@ -22,7 +22,7 @@ from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.compress import oneshot
-from pocketdiff.compress.blocks import build_student, teacher_plan
+from pocketdiff.distill.blocks import build_student, teacher_plan
 from pocketdiff.compress.prune import CALIBRATION_PROMPTS, calibration_batches
 
 RANDOM_SEEDS = (0, 1, 2)

@@ -24,7 +24,7 @@ import torch
 from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
-from pocketdiff.devices.macs import count
+from pocketdiff.macs import count
 from pocketdiff.distill.vae import SlimVAEConfig, distill_vae, slim_config
 
 SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,

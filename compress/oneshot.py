@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from .. import modelio
+from ..distill.blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, depth_left, instantiate, mapped_student,
+                              shapes, teacher_depths, teacher_plan)
 from ..errors import UserError
+from ..macs import count
 from ..progress import tracked
-from ..devices.macs import count
-from .blocks import (MID_WITHOUT_ATTENTION, Plan, build_student, depth_left, instantiate, mapped_student, shapes,
-                     teacher_depths, teacher_plan)
 
 CRITERIA = ("distortion", "magnitude", "random")
 METRICS = ("params", "macs", "latency")

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import modelio
 from ..errors import UserError
-from ..devices.macs import census_model
+from ..distill.blocks import Plan, build_student, preset_plan, remove_blocks, teacher_plan
+from ..macs import census_model
 from . import oneshot
-from .blocks import Plan, build_student, preset_plan, remove_blocks, teacher_plan
 from .calibration import batched, record_unet_inputs
 
 # Everyday subjects for calibration trajectories; the embedded default knows them as emoji names.
@@ -113,14 +113,11 @@ def calibration_batches(ref: modelio.ModelRef, prompts: list[str], steps: int, g
 
 def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, criterion: str = "distortion",
                     prompts: list[str] | None = None, steps: int = 10, guidance: float = 7.5, seed: int = 0,
-                    device: str = "host-cpu", table_file: Path | None = None,
-                    runtime: str = "torch") -> dict:
+                    table=None) -> dict:
     """One-shot pruning of `ref`'s UNet to `target`; write the pruned model and its report to `out`.
 
-    A latency target is judged on `device` by a lookup table (`devices.lookup`): read from
-    `table_file` when given, else built now (host-cpu: each layer timed once in `runtime`, torch
-    eager, onnxruntime or ExecuTorch; a phone: its calibrated roofline) and saved beside the pruned
-    model for reuse.
+    A latency target is judged by `table`, a lookup table of the teacher's layers on one device
+    (`devices.lookup.table_for` reads or builds it), saved beside the pruned model for reuse.
     """
     if criterion not in oneshot.CRITERIA:
         raise UserError(f"unknown criterion {criterion!r} (choose from {', '.join(oneshot.CRITERIA)})")
@@ -131,7 +128,8 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
     batches = calibration_batches(ref, prompts, steps, guidance) if criterion == "distortion" else []
     teacher = _teacher(ref)
     config = dict(teacher.config)
-    table = _latency_table(config, device, table_file, runtime) if target.metric == "latency" else None
+    if target.metric == "latency" and table is None:
+        raise UserError("a latency target needs the device's latency table (devices.lookup.table_for)")
     costs = oneshot.Costs(config, target.metric, table)
     units = oneshot.removable_units(config, costs)
     if criterion == "distortion":
@@ -155,7 +153,7 @@ def prune_to_target(ref: modelio.ModelRef, target: oneshot.Target, out: Path, cr
         "removed_units": [u.name for u in chosen],
     }
     if table is not None:
-        details.update(device=device, runtime=table.runtime, latency_ms_before=full, latency_ms_after=costs(plan))
+        details.update(device=table.device, runtime=table.runtime, latency_ms_before=full, latency_ms_after=costs(plan))
         Path(out).mkdir(parents=True, exist_ok=True)
         table.save(Path(out) / "latency_table.json")
     return _save(ref, student, removed, plan, Path(out), details)
@@ -206,24 +204,12 @@ class PruneConfig(BaseModel):
         return self
 
 
-def prune(ref: modelio.ModelRef, config: PruneConfig, out: Path) -> dict:
+def prune(ref: modelio.ModelRef, config: PruneConfig, out: Path, table=None) -> dict:
     """`config`'s pruning of `ref` written to `out`: named units (after the preset, if any), a preset, or one-shot
-    to a target; the report."""
+    to a target (a latency target judged by `table`, `devices.lookup.table_for(ref, config)`); the report."""
     if config.remove:
         return prune_units(ref, config.remove, out, config.preset)
     if config.preset:
         return prune_preset(ref, config.preset, out)
     return prune_to_target(ref, oneshot.parse_target(config.target), out, config.criterion, config.prompts,
-                           config.steps, config.guidance, config.seed, device=config.device,
-                           table_file=config.latency_table, runtime=config.runtime)
-
-
-def _latency_table(config: dict, device: str, table_file: Path | None, runtime: str):
-    from ..devices.lookup import LatencyTable, build_table
-
-    if table_file is None:
-        return build_table(config, device, batch=modelio.unet_batch(config), runtime=runtime)
-    table = LatencyTable.load(table_file)
-    if (table.device, table.runtime) != (device, runtime):
-        raise UserError(f"{table_file}: a table for {table.device} ({table.runtime}), not {device} ({runtime})")
-    return table
+                           config.steps, config.guidance, config.seed, table)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import modelio
 from ..errors import UserError
-from .macs import block_name
+from ..macs import block_name
 from .timing import call_times
 
 BACKEND_FILES = {"onnxruntime": "model.onnx", "executorch": "model.pte"}

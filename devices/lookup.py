@@ -1,7 +1,7 @@
 """A latency lookup table for UNet variants (SnapFusion's approach): time each layer once, predict any
 pruned architecture by summing.
 
-A pruned UNet is the teacher's layers minus some (`compress.blocks`), with a few layers changing
+A pruned UNet is the teacher's layers minus some (`distill.blocks`), with a few layers changing
 shape where skip connections move. A layer's cost depends on its class, its weights' shapes and
 its inputs' shapes, nothing else, so that triple is the table's key: every layer of every variant
 that shares it costs the same. The parts between layers (time embedding's projection, skip
@@ -251,4 +251,22 @@ def build_table(config: dict, device: str = "host-cpu", latent: int | None = Non
     table = LatencyTable(device, source, latent, batch, runs=runs, runtime=runtime)
     if source == "measured":
         table.anchor(config, min(unet_times(config, latent, batch, runs, runtime)))
+    return table
+
+
+def table_for(ref, config) -> LatencyTable | None:
+    """The table a prune `config`'s latency target is judged by (None for other targets): its saved `latency_table`
+    read back, else built now for its device (host-cpu: each layer timed once in its runtime, torch eager,
+    onnxruntime or ExecuTorch; a phone: its calibrated roofline)."""
+    from ..compress.oneshot import parse_target
+
+    if config.target is None or parse_target(config.target).metric != "latency":
+        return None
+    unet = modelio.unet_config(ref)
+    if config.latency_table is None:
+        return build_table(unet, config.device, batch=modelio.unet_batch(unet), runtime=config.runtime)
+    table = LatencyTable.load(config.latency_table)
+    if (table.device, table.runtime) != (config.device, config.runtime):
+        raise UserError(f"{config.latency_table}: a table for {table.device} ({table.runtime}), not {config.device} "
+                        f"({config.runtime})")
     return table

@@ -1,6 +1,6 @@
 """Every tensor op of one forward pass, with its FLOPs and the bytes it moves: the roofline's input.
 
-`devices.macs` counts modules (BK-SDM's convention); a latency model needs every op instead, since
+`macs` counts modules (BK-SDM's convention); a latency model needs every op instead, since
 group norms, activations, concatenations and attention's softmax move memory that a phone's NPU
 waits on. The forward runs on the meta device under a dispatch mode that sees the aten ops every
 exporter lowers from, so an SD-scale config is counted in seconds without weights. Weights and
@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from .. import modelio
-from .macs import block_name, text_encoder_from_config
+from ..macs import block_name, text_encoder_from_config
 
 # Not views by schema, but no runtime moves data for them (a reshape result, autograd plumbing).
 _FREE = (torch.ops.aten._unsafe_view, torch.ops.aten.detach, torch.ops.aten.lift_fresh)
@@ -105,7 +105,7 @@ class _Recorder(TorchDispatchMode):
 
 
 def record_ops(module: torch.nn.Module, run) -> list[Op]:
-    """The ops `run(module)` performs, each tagged with the block (`devices.macs.block_name`) it ran in."""
+    """The ops `run(module)` performs, each tagged with the block (`macs.block_name`) it ran in."""
     names = {sub: block_name(name) for name, sub in module.named_modules() if name}
     blocks = ["(root)"]
     handles = []

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, model_validator
 from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
-from ..compress.blocks import Plan, student_config, teacher_key, teacher_plan
+from .blocks import Plan, student_config, teacher_key, teacher_plan
 from . import latents as latent_data
 from .conditions import TextConditions, frozen_teacher
 from .trainer import RunSettings, Trainer, last_logged

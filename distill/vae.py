@@ -20,6 +20,7 @@ from pydantic import Field
 from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
+from ..macs import census_model
 from . import data
 from . import latents as latent_data
 from .trainer import RunSettings, Trainer, epoch_batches
@@ -71,8 +72,6 @@ def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=pri
     """Distil a slim VAE from `ref`'s; write the pipeline with it and `vae_report.json` to `out`."""
     from accelerate import PartialState
     from diffusers import AutoencoderKL
-
-    from ..devices.macs import census_model
 
     out, processes = Path(out), PartialState()
     if ref.kind != "pipeline" or ref.random_weights:

@@ -479,7 +479,7 @@ def test_coreml_sdxl_text_encoders_follow_swifts_xl_contract(sdxl_export, tmp_pa
 
 
 def test_sdxl_second_text_encoder_is_profiled_counted_and_estimated(sdxl_export, tiny_pipeline):
-    from pocketdiff.devices.macs import census_model
+    from pocketdiff.macs import census_model
     from pocketdiff.devices.profile import ProfileConfig, profile
     from pocketdiff.devices.profiles import load_profile
     from pocketdiff.devices.roofline import estimate_model

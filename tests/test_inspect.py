@@ -5,7 +5,7 @@ import math
 import subprocess
 
 from pocketdiff import modelio
-from pocketdiff.devices.macs import block_name, census_model
+from pocketdiff.macs import block_name, census_model
 
 SDXL_UNET = {
     "_class_name": "UNet2DConditionModel", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from pocketdiff import modelio
 from pocketdiff.errors import UserError
-from pocketdiff.compress.blocks import preset_plan, remove_blocks
+from pocketdiff.distill.blocks import preset_plan, remove_blocks
 from pocketdiff.compress.prune import prune_preset
 from pocketdiff.distill import kd, latents
 from pocketdiff.distill.conditions import TextConditions, caption_ids

@@ -1,21 +1,16 @@
-"""Imports run one way: core (the modules at the package root) <- distill / compress <- export <- devices <- apps.
+"""Imports run one way: core (the modules at the package root) <- distill <- compress <- export <- devices <- apps.
 
-Read with `ast` from the sources, so a lazy import inside a function counts as much as one at the top.
+Compression builds on distillation: QAT distils with the shared trainer and KD's taps, and pruning
+writes its students in the teacher-student layer plan (`distill/blocks.py`) that block-level KD
+pairs layers by. Read with `ast` from the sources, so a lazy import inside a function counts as
+much as one at the top.
 """
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "distill": 1, "compress": 1, "export": 2, "devices": 3, "apps": 4}
-# Edges still against the order, each to be removed rather than added to: MAC counting and latency tables live
-# in devices/ but pruning and the slim VAE measure with them; QAT trains with distill's trainer and KD's taps
-# while KD reads compress' block plans.
-KNOWN = {
-    ("compress.oneshot", "devices.macs"), ("compress.prune", "devices.macs"), ("compress.prune", "devices.lookup"),
-    ("distill.vae", "devices.macs"), ("distill.kd", "compress.blocks"), ("compress.qat", "distill.kd"),
-    ("compress.quantize", "distill.trainer"), ("compress.backends", "distill.trainer"), ("compress.quantize", "distill"),
-}
+LAYERS = {"core": 0, "distill": 1, "compress": 2, "export": 3, "devices": 4, "apps": 5}
 
 
 def _layer(module: str) -> str:
@@ -23,36 +18,57 @@ def _layer(module: str) -> str:
     return head if head in LAYERS else "core"
 
 
-def _imports() -> list[tuple[str, str, bool, list[str], int]]:
-    """(module, imported module, at top level, names, line) for every relative import of the package."""
-    found = []
+def _modules() -> dict[str, Path]:
+    found = {}
     for path in ROOT.rglob("*.py"):
-        relative = path.relative_to(ROOT)
-        if relative.parts[0] in ("tests", "benchmarks") or relative.parts[0].startswith("."):
-            continue
-        parts = list(relative.with_suffix("").parts)
-        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
-        module = ".".join(p for p in parts if p != "__init__") or "__init__"
-        tree = ast.parse(path.read_text())
-        top = {id(node) for node in tree.body}
-        for node in ast.walk(tree):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[0] not in ("tests", "benchmarks") and not parts[0].startswith("."):
+            found[".".join(p for p in parts if p != "__init__") or "__init__"] = path
+    return found
+
+
+def _imports() -> list[tuple[str, str, list[str], int]]:
+    """(module, imported module, names, line) for every relative import of the package, lazy ones included."""
+    modules, found = _modules(), []
+    for module, path in modules.items():
+        package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[: len(package) - node.level + 1]
+                base = [*package[: len(package) - node.level + 1], *([node.module] if node.module else [])]
                 names = [alias.name for alias in node.names]
-                targets = [".".join([*base, node.module])] if node.module else [".".join([*base, n]) for n in names]
-                found += [(module, target, id(node) in top, names, node.lineno) for target in targets]
+                # `from . import x` names a module; `from .x import y` a module's attribute
+                targets = {".".join([*base, n]) if ".".join([*base, n]) in modules else ".".join(base) for n in names}
+                found += [(module, target, names, node.lineno) for target in targets]
     return found
 
 
 def test_no_module_imports_a_layer_above_its_own():
-    upward = {(module, target) for module, target, *_ in _imports()
-              if LAYERS[_layer(target)] > LAYERS[_layer(module)]
-              or (_layer(target) != _layer(module) and LAYERS[_layer(target)] == LAYERS[_layer(module)])}
-    assert upward - KNOWN == set(), "imports against the layer order"
-    assert not any(_layer(target) == "apps" for _, target in upward), "apps/ is what users touch: nothing imports it"
-    assert KNOWN - upward == set(), "an edge in KNOWN is gone: take it out of the list"
+    upward = sorted((module, target, line) for module, target, _, line in _imports()
+                    if LAYERS[_layer(target)] > LAYERS[_layer(module)])
+    assert upward == []
+
+
+def test_no_import_cycle_not_even_through_a_function_level_import():
+    edges: dict[str, set[str]] = {}
+    for module, target, _, _ in _imports():
+        edges.setdefault(module, set()).add(target)
+    done, path = set(), []
+
+    def visit(module: str) -> None:
+        if module in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(module):] + [module])}")
+        if module in done:
+            return
+        path.append(module)
+        for target in edges.get(module, ()):
+            visit(target)
+        path.pop()
+        done.add(module)
+
+    for module in list(edges):
+        visit(module)
 
 
 def test_no_private_name_is_imported_from_another_module():
-    private = [(module, line, name) for module, _, _, names, line in _imports() for name in names if name.startswith("_")]
+    private = [(module, line, name) for module, _, names, line in _imports() for name in names if name.startswith("_")]
     assert private == []

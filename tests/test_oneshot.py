@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from pocketdiff import modelio
 from pocketdiff.errors import UserError
 from pocketdiff.compress import oneshot
-from pocketdiff.compress.blocks import build_student, teacher_plan
+from pocketdiff.distill.blocks import build_student, teacher_plan
 from pocketdiff.compress.prune import calibration_batches, prune_to_target, prune_units
 from tests.conftest import three_stage_config, tiny_unet_config
 

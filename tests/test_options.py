@@ -54,7 +54,7 @@ def test_an_option_sets_its_field_and_one_left_out_keeps_the_default(tmp_path, m
     from pocketdiff.apps import cli
 
     seen = {}
-    monkeypatch.setattr(cli, "run_prune", lambda ref, config, out: seen.setdefault("config", config) and {
+    monkeypatch.setattr(cli, "run_prune", lambda ref, config, out, table: seen.setdefault("config", config) and {
         "removed": [], "removed_units": [], "units": [], **{f"{k}_{w}": 1 for k in ("params", "macs", "attention_macs")
                                                 for w in ("before", "after")}})
     result = CliRunner().invoke(app, ["prune", "default", "--out", str(tmp_path), "--target", "params=0.5",

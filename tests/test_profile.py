@@ -64,7 +64,7 @@ def test_phone_profiles_reproduce_their_anchor_measurements():
 
 
 def test_estimate_cli_orders_presets_and_refuses_unknown_peaks(sd15_unet_folder, tmp_path):
-    from pocketdiff.compress.blocks import preset_config
+    from pocketdiff.distill.blocks import preset_config
     from pocketdiff.devices.roofline import estimate_model
 
     out = tmp_path / "sd15.json"
@@ -210,7 +210,7 @@ def test_no_phone_attached_is_one_line():
 
 
 def test_lookup_table_shares_layers_and_is_exact_on_the_teacher(three_stage_pipeline):
-    from pocketdiff.compress.blocks import preset_config
+    from pocketdiff.distill.blocks import preset_config
     from pocketdiff.devices.lookup import build_table
 
     config = modelio.unet_config(modelio.open_model(three_stage_pipeline))
@@ -227,7 +227,7 @@ def test_lookup_table_shares_layers_and_is_exact_on_the_teacher(three_stage_pipe
 def test_an_onnxruntime_table_runs_every_layer_in_onnxruntime(three_stage_pipeline, monkeypatch):
     import onnxruntime
 
-    from pocketdiff.compress.blocks import preset_config
+    from pocketdiff.distill.blocks import preset_config
     from pocketdiff.devices.lookup import build_table
 
     sessions = []
@@ -272,7 +272,8 @@ def test_an_executorch_table_lowers_every_layer_to_xnnpack(monkeypatch):
 
 def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):
     from pocketdiff.compress.oneshot import Target
-    from pocketdiff.compress.prune import prune_to_target
+    from pocketdiff.compress.prune import PruneConfig, prune_to_target
+    from pocketdiff.devices.lookup import LatencyTable, table_for
 
     result = subprocess.run(["pocketdiff", "prune", str(three_stage_pipeline), "--target", "latency=0.8", "--criterion",
                              "random", "--out", str(tmp_path / "a")], capture_output=True, text=True)
@@ -281,7 +282,8 @@ def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):
     assert report["latency_ms_after"] <= 0.8 * report["latency_ms_before"] and report["device"] == "host-cpu"
     assert "predicted latency on host-cpu" in result.stdout
     ref, table = modelio.open_model(three_stage_pipeline), tmp_path / "a" / "latency_table.json"
-    again = prune_to_target(ref, Target("latency", 0.8), tmp_path / "b", criterion="random", table_file=table)
+    again = prune_to_target(ref, Target("latency", 0.8), tmp_path / "b", criterion="random",
+                            table=LatencyTable.load(table))
     assert again["removed"] == report["removed"]  # the saved table, read back, makes the same choice
     from rich.console import Console
 
@@ -296,8 +298,7 @@ def test_prune_to_a_latency_target(three_stage_pipeline, tmp_path):
         parse_recipe(f"name: t\nmodel: default\nstages:\n  - prune: {{target: params=0.5, latency_table: {table}}}\n",
                      "t.yaml")
     with pytest.raises(UserError, match=r"a table for host-cpu \(torch\), not galaxy-s24 \(torch\)"):
-        prune_to_target(ref, Target("latency", 0.8), tmp_path / "c", criterion="random", device="galaxy-s24",
-                        table_file=table)
+        table_for(ref, PruneConfig(target="latency=0.8", criterion="random", device="galaxy-s24", latency_table=table))
 
 
 def test_recipe_profile_stage(tiny_pipeline, tmp_path):

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from pocketdiff import modelio
 from pocketdiff.errors import UserError
-from pocketdiff.compress.blocks import preset_config, remove_blocks
+from pocketdiff.distill.blocks import preset_config, remove_blocks
 from pocketdiff.compress.prune import prune_preset
 from tests.conftest import three_stage_config, tiny_unet_config
 

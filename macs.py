@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from .. import modelio
+from . import modelio
 
 
 @dataclass

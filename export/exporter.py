@@ -29,7 +29,7 @@ from .lcm import LCM
 from .runtime import ExportedPipeline
 from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
 
-Format = Literal["onnx", "executorch", "coreml"]  # FORMATS' names, spelt out for the config's schema
+Format = Literal[tuple(FORMATS)]  # the registry's names, as the config's schema lists them
 
 
 class ExportConfig(BaseModel):

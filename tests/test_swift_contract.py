@@ -3,6 +3,7 @@ at commit e12202c, `swift/StableDiffusion/pipeline/`, P below), not from our exp
 each package, the outputs it reads, and its 1-step text-to-image path run on the PyTorch modules that were
 converted, which must draw pocketdiff's own 1-step image."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from pocketdiff import modelio
 from pocketdiff.export import coreml
 from pocketdiff.export.exporter import ExportConfig, export_model
+from pocketdiff.export.formats import FORMATS
 from pocketdiff.export.parity import psnr
 from tests.conftest import tiny_unet_config
 
@@ -114,7 +116,7 @@ def converted_modules(monkeypatch) -> dict:
 
     modules, export_component = {}, coreml.export_component
     monkeypatch.setattr(coreml, "_convert", spy)
-    monkeypatch.setattr(coreml, "export_component", save)
+    monkeypatch.setitem(FORMATS, "coreml", dataclasses.replace(FORMATS["coreml"], export_component=save))
     return modules
 
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
 
+
 def first_error(err: ValidationError) -> str:
     """The first error as one line: the field's path, then pydantic's message (a whole-config check: its message)."""
     first = err.errors()[0]
@@ -29,23 +30,21 @@ def first_error(err: ValidationError) -> str:
     return f"{where}: {message}" if where else message
 
 
-def _unwrap(annotation) -> tuple[object, bool]:
-    """(the annotation without `| None` and `Annotated` constraints, whether it allows None)."""
+def _unwrap(annotation):
+    """The annotation without `| None` and `Annotated` constraints."""
     origin = typing.get_origin(annotation)
     if origin is Annotated:
         return _unwrap(typing.get_args(annotation)[0])
     if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _unwrap(args[0])[0], True
-    return annotation, False
+        return _unwrap(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    return annotation
 
 
 def _kind(annotation) -> tuple[type, str, bool]:
     """(the option's click type, a note of the choices, whether it is a list)."""
-    base, _ = _unwrap(annotation)
+    base = _unwrap(annotation)
     if typing.get_origin(base) is list:
-        item, _ = _unwrap(typing.get_args(base)[0])
-        click_type, note, _ = _kind(item)
+        click_type, note, _ = _kind(_unwrap(typing.get_args(base)[0]))
         return click_type, note, True
     if typing.get_origin(base) is Literal:
         return str, " (" + ", ".join(str(a) for a in typing.get_args(base)) + ")", False
@@ -64,13 +63,11 @@ def _shown(field) -> str:
     return f" (default: {shown})"
 
 
-def _fields(config: type[BaseModel], exclude: tuple[str, ...]) -> dict[str, tuple[str | None, object]]:
+def _fields(config: type[BaseModel]) -> dict[str, tuple[str | None, object]]:
     """Option name → (the nested config field it belongs to, or None; the pydantic field)."""
     found = {}
     for name, field in config.model_fields.items():
-        if name in exclude:
-            continue
-        base, _ = _unwrap(field.annotation)
+        base = _unwrap(field.annotation)
         if inspect.isclass(base) and issubclass(base, BaseModel):
             found.update({sub: (name, subfield) for sub, subfield in base.model_fields.items()})
         else:
@@ -97,9 +94,10 @@ def _value(field, given):
     return str(given) if isinstance(given, Path) else given
 
 
-def with_config(config: type[BaseModel], label: str, exclude: tuple[str, ...] = ()):
-    """A command whose last parameter is `config: <config>`, given options for every field of `config`."""
-    fields = _fields(config, exclude)
+def with_config(config: type[BaseModel], label: str):
+    """A command whose last parameter is `config: <config>`, given options for every field of `config`; `label`
+    names the command in its one-line errors."""
+    fields = _fields(config)
 
     def decorate(command):
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)

@@ -7,6 +7,7 @@ tables it prints are in `tables.py`. Every user error is one line on stderr and 
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -14,23 +15,50 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 import pocketdiff
 
-from ..compress.prune import PruneConfig
-from ..compress.prune import prune as run_prune
-from ..compress.quantize import QuantizeConfig
-from ..devices.lookup import table_for
-from ..devices.profile import ProfileConfig
-from ..distill.step_common import StepDistillConfig
-from ..distill.vae import SlimVAEConfig
 from ..errors import UserError
-from ..export.exporter import ExportConfig
 from . import tables
 from .options import with_config
-from .stages import EvaluateConfig, GenerateConfig, KDStageConfig
 
-app = typer.Typer(help="Compress text-to-image diffusion models and ship them to phones.",
+class StageGroup(TyperGroup):
+    """A command group whose stage commands are built when first asked for: a stage's options come from its config,
+    whose module may load torch, and `generate --backend onnx` runs without it."""
+
+    stages: dict[str, tuple] = {}  # command name → (function, "module:Config")
+    prefix = ""  # the group's own words in a stage's one-line errors ("distill kd: ...")
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.stages})
+
+    def get_command(self, ctx, name: str):
+        if name not in self.stages:
+            return super().get_command(ctx, name)
+        command, path = self.stages[name]
+        module, attribute = path.split(":")
+        config = getattr(importlib.import_module(module, __package__), attribute)
+        single = typer.Typer()
+        single.command(name)(with_config(config, self.prefix + name)(command))
+        return typer.main.get_command(single)
+
+
+def stage_group(prefix: str = "") -> type[StageGroup]:
+    return type("StageGroup", (StageGroup,), {"stages": {}, "prefix": prefix})
+
+
+def stage(group: typer.Typer, name: str, config: str):
+    """Register `command` (its last parameter `config`) as `group`'s stage command `name`, its options made from
+    `config` ("module:Class", relative to this package) when the command is first asked for."""
+    def register(command):
+        group.info.cls.stages[name] = (command, config)
+        return command
+
+    return register
+
+
+app = typer.Typer(help="Compress text-to-image diffusion models and ship them to phones.", cls=stage_group(),
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 zoo_app = typer.Typer(help="Train pocketdiff's embedded default model and its judge.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
@@ -38,7 +66,7 @@ devices_app = typer.Typer(help="Device profiles: list them, calibrate phone prof
                            no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE, few-step students.",
-                          no_args_is_help=True)
+                          cls=stage_group("distill "), no_args_is_help=True)
 app.add_typer(distill_app, name="distill")
 console = Console()
 
@@ -130,12 +158,14 @@ def inspect_(model: ModelArg,
         json_out.write_text(json.dumps([c.to_json() for c in censuses], indent=2))
 
 
-@app.command()
-@with_config(PruneConfig, "prune")
+@stage(app, "prune", "..compress.prune:PruneConfig")
 def prune(model: ModelArg,
           out: Annotated[Path, typer.Option(help="Folder for the pruned model (diffusers format).")],
-          allow_pickle: AllowPickle = False, *, config: PruneConfig):
+          allow_pickle: AllowPickle = False, *, config):
     """Remove UNet blocks (a BK-SDM preset, named units, or one-shot to a target) and save a model stock diffusers loads."""
+    from ..compress.prune import prune as run_prune
+    from ..devices.lookup import table_for
+
     ref = _open(model, allow_pickle)
     report = run_prune(ref, config, out, table_for(ref, config))
     if config.remove:
@@ -154,8 +184,7 @@ def prune(model: ModelArg,
     console.print(f"pruned model: {out}  (report: {out / 'prune_report.json'})")
 
 
-@app.command()
-@with_config(GenerateConfig, "generate")
+@stage(app, "generate", ".configs:GenerateConfig")
 def generate(model: Annotated[str, typer.Option(help="Pipeline folder or 'default'; an export folder with --backend.")] = "default",
              seed: int = 0,
              out: Annotated[Path, typer.Option(help="Output folder for PNGs.")] = Path("generated"),
@@ -163,7 +192,7 @@ def generate(model: Annotated[str, typer.Option(help="Pipeline folder or 'defaul
              backend: Annotated[str, typer.Option(help="torch, or onnx / executorch to run an export's files.")] = "torch",
              etdump: Annotated[Optional[Path], typer.Option(
                  help="With --backend executorch: write each component's ETDump (per-op timings) here.")] = None,
-             allow_pickle: AllowPickle = False, *, config: GenerateConfig):
+             allow_pickle: AllowPickle = False, *, config):
     """Text → image PNGs (prompt i uses seed + i). onnx runs on onnxruntime and numpy alone, without torch."""
     from .generate import labelled_grid, save_images
 
@@ -193,11 +222,10 @@ def generate(model: Annotated[str, typer.Option(help="Pipeline folder or 'defaul
         console.print(str(out / "grid.png"))
 
 
-@app.command()
-@with_config(EvaluateConfig, "evaluate")
+@stage(app, "evaluate", ".configs:EvaluateConfig")
 def evaluate(model: ModelArg = "default", seed: int = 0,
              json_out: Annotated[Optional[Path], typer.Option("--json", help="Write scores as JSON here.")] = None,
-             *, config: EvaluateConfig):
+             *, config):
     """Judge scores: prompt score, Fréchet distance and caption retrieval, with the real images as ceiling."""
     from ..compress.saved import load_shipped_pipeline
     from .evaluate import load_judge
@@ -209,11 +237,10 @@ def evaluate(model: ModelArg = "default", seed: int = 0,
         json_out.write_text(json.dumps(results, indent=2))
 
 
-@app.command("export")
-@with_config(ExportConfig, "export")
+@stage(app, "export", "..export.exporter:ExportConfig")
 def export_(model: ModelArg,
             out: Annotated[Path, typer.Option(help="Folder that gets one subfolder per format.")],
-            allow_pickle: AllowPickle = False, *, config: ExportConfig):
+            allow_pickle: AllowPickle = False, *, config):
     """Export every component to ONNX (optimum's layout), ExecuTorch (.pte) or Core ML (Swift layout), checked against PyTorch."""
     from ..export.exporter import export_model
 
@@ -221,11 +248,10 @@ def export_(model: ModelArg,
     console.print(f"exported: {out}  (report: {out / 'export_report.json'})")
 
 
-@distill_app.command("kd")
-@with_config(KDStageConfig, "distill kd")
+@stage(distill_app, "kd", ".stages:KDStageConfig")
 def kd(student: Annotated[str, typer.Argument(help="The pruned model (pipeline or UNet folder) to train.")],
        out: Annotated[Path, typer.Option(help="Folder for the distilled pipeline, its log and checkpoint.")],
-       *, config: KDStageConfig):
+       *, config):
     """Block-level knowledge distillation: task + output KD + feature KD from the teacher. Resumes from OUT."""
     from ..distill.kd import KDConfig, distill_kd, resolve_teacher
 
@@ -236,11 +262,10 @@ def kd(student: Annotated[str, typer.Argument(help="The pruned model (pipeline o
     console.print(f"distilled pipeline: {out}  (report: {out / 'kd_report.json'}, log: {out / 'log.csv'})")
 
 
-@distill_app.command("vae")
-@with_config(SlimVAEConfig, "distill vae")
+@stage(distill_app, "vae", "..distill.vae:SlimVAEConfig")
 def vae(model: ModelArg,
         out: Annotated[Path, typer.Option(help="Folder for the pipeline with the slim VAE, its log and checkpoint.")],
-        *, config: SlimVAEConfig):
+        *, config):
     """Distil a slim VAE (decoder on the teacher's latents, encoder on its posterior); the UNet is untouched. Resumes."""
     from ..distill.vae import distill_vae
 
@@ -251,11 +276,10 @@ def vae(model: ModelArg,
     console.print(f"pipeline with the slim VAE: {out}  (report: {out / 'vae_report.json'})")
 
 
-@distill_app.command("steps")
-@with_config(StepDistillConfig, "distill steps")
+@stage(distill_app, "steps", "..distill.step_common:StepDistillConfig")
 def steps_(model: ModelArg,
            out: Annotated[Path, typer.Option(help="Folder for the few-step pipeline, its log and checkpoints.")],
-           *, config: StepDistillConfig):
+           *, config):
     """Distil MODEL to a 1–4 step student with guidance in its weights (LCM, progressive or DMD). Resumes from OUT."""
     from ..distill.steps import distill_steps
 
@@ -266,11 +290,10 @@ def steps_(model: ModelArg,
                   f"report: {out / 'steps_report.json'})")
 
 
-@app.command()
-@with_config(QuantizeConfig, "quantize")
+@stage(app, "quantize", "..compress.quantize:QuantizeConfig")
 def quantize(model: ModelArg,
              out: Annotated[Path, typer.Option(help="Folder for the quantized pipeline, its log and checkpoints.")],
-             *, config: QuantizeConfig):
+             *, config):
     """int8, palettized or W4A8 UNet for an export target, calibrated on MODEL's own trajectories, optionally trained (QAT). Resumes."""
     from ..compress.backends import BACKENDS
     from ..compress.quantize import quantize as run_quantize
@@ -302,11 +325,10 @@ def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder g
     console.print(f"judge folder: {out}")
 
 
-@app.command("profile")
-@with_config(ProfileConfig, "profile")
+@stage(app, "profile", "..devices.profile:ProfileConfig")
 def profile_(target: Annotated[Path, typer.Argument(help="An export folder (or one exported file); a model folder for --backend torch.")],
              out: Annotated[Optional[Path], typer.Option(help="Where profile.json and profile.png go.")] = None,
-             *, config: ProfileConfig):
+             *, config):
     """Time exported components on a device: median/p10/p90, peak memory, size, per-op breakdown, op coverage."""
     from ..devices.profile import profile, write_report
 

@@ -170,7 +170,7 @@ class PruneConfig(BaseModel):
         "after the preset when given."))
     target: str | None = Field(None, description="One-shot pruning to a target: params=R, macs=R or latency=R keeps "
                                                  "at most R of the teacher's.")
-    criterion: Literal["distortion", "magnitude", "random"] = Field("distortion", description="With a target: "
+    criterion: Literal[oneshot.CRITERIA] = Field("distortion", description="With a target: "
                                                                     "how units are ranked.")
     device: str = Field("host-cpu", description="With latency=R: the device profile the latency is judged on.")
     runtime: Literal["torch", "onnxruntime", "executorch"] = Field(

@@ -103,9 +103,9 @@ class Unet(UNet):
     `time_ids` as further (B, ...) inputs under those names. `source`: the UNet as saved, and `constants`
     the conditions folded into `unet` (in the order the saved UNet takes them after the fed ones)."""
 
-    def __init__(self, unet, extra: tuple[str, ...], source=None, constants: tuple[torch.Tensor, ...] = ()):
+    def __init__(self, unet, extra: tuple[str, ...], source, constants: tuple[torch.Tensor, ...]):
         super().__init__(unet, extra)
-        self.source, self.constants = source if source is not None else unet, constants
+        self.source, self.constants = source, constants
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         return super().forward(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)

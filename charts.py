@@ -43,15 +43,15 @@ def profile_chart(report: dict, path: Path, top: int = 10) -> Path:
     return _save(plt, figure, path)
 
 
-def quality_chart(series: dict[str, dict[int, float]], real: float | None, path: Path, metric: str = "prompt score") -> Path:
-    """Quality against sampling steps, one line per evaluated model; the real images' score as the ceiling."""
+def quality_chart(series: dict[str, dict[int, float]], real: float | None, path: Path, metric: str = "score") -> Path:
+    """Quality against sampling steps, one line per evaluated model; the reference renders' score as the ceiling."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     for label, points in series.items():
         steps = sorted(points)
         axis.plot(steps, [points[s] for s in steps], marker="o", label=label)
     if real is not None:
-        axis.axhline(real, color="grey", linestyle="--", label="real images")
+        axis.axhline(real, color="grey", linestyle="--", label="reference renders")
     axis.set_xscale("log")
     every = sorted({s for points in series.values() for s in points})
     axis.set_xticks(every, [str(s) for s in every])

@@ -60,7 +60,7 @@ def stage(group: typer.Typer, name: str, config: str):
 
 app = typer.Typer(help="Compress text-to-image diffusion models and ship them to phones.", cls=stage_group(),
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-zoo_app = typer.Typer(help="Train pocketdiff's embedded default model and its judge.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Train pocketdiff's embedded default model.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 devices_app = typer.Typer(help="Device profiles: list them, calibrate phone profiles on their published anchors.",
                            no_args_is_help=True)
@@ -130,7 +130,7 @@ def sweep(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
           runs: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
           set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override for every variant: KEY=VALUE.")] = None,
           setting: Annotated[Optional[str], typer.Option(
-              help="The evaluate setting that is 'quality', e.g. validation/steps=25/guidance=7.5 (default: its first).")] = None):
+              help="The evaluate setting that is 'quality', e.g. in_distribution/steps=25/guidance=7.5 (default: its first).")] = None):
     """Run a recipe once per value, then plot quality against latency and parameters with the Pareto frontier."""
     from .sweep import run_sweep
 
@@ -226,7 +226,7 @@ def generate(model: Annotated[str, typer.Option(help="Pipeline folder or 'defaul
 def evaluate(model: ModelArg = "default", seed: int = 0,
              json_out: Annotated[Optional[Path], typer.Option("--json", help="Write scores as JSON here.")] = None,
              *, config):
-    """Judge scores: prompt score, Fréchet distance and caption retrieval, with the real images as ceiling."""
+    """GenEval-style scores per prompt family and overall, and the Fréchet distance, with the reference renders as ceiling."""
     from ..compress.saved import load_shipped_pipeline
     from .evaluate import load_judge
     from .stages import evaluate_model
@@ -305,7 +305,7 @@ def quantize(model: ModelArg,
 
 @zoo_app.command("train-default")
 def train_default(out: Annotated[Path, typer.Option(help="Where the pipeline folder goes.")] = Path("default-model"),
-                  quick: Annotated[bool, typer.Option(help="Seconds-long run on 64 images (tests, smoke checks).")] = False,
+                  quick: Annotated[bool, typer.Option(help="Seconds-long run on 64 scenes (tests, smoke checks).")] = False,
                   seed: int = 0):
     """Train the embedded default from its seed: tokenizer, VAE, then UNet with its text encoder. Resumes."""
     from ..distill.zoo import DefaultTrainConfig
@@ -313,16 +313,6 @@ def train_default(out: Annotated[Path, typer.Option(help="Where the pipeline fol
 
     config = DefaultTrainConfig.quick(seed) if quick else DefaultTrainConfig(seed=seed)
     console.print(f"pipeline folder: {train(out, config)}")
-
-
-@zoo_app.command("train-judge")
-def train_judge(out: Annotated[Path, typer.Option(help="Where the judge folder goes.")] = Path("judge"),
-                steps: int = 500, quick: bool = False):
-    """Train the contrastive judge (separately from the teacher) on the training split. Resumes."""
-    from ..distill.judge import train_judge as train
-
-    train(out, steps=4 if quick else steps, batch=32 if quick else 128, subset=64 if quick else None)
-    console.print(f"judge folder: {out}")
 
 
 @stage(app, "profile", "..devices.profile:ProfileConfig")

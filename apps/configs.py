@@ -23,12 +23,13 @@ class GenerateConfig(StageConfig):
 
 
 class EvaluateConfig(StageConfig):
-    """Judge scores over seeded prompt sets, at every (steps, guidance) pair asked for."""
+    """GenEval-style judge scores over seeded scene prompts, at every (steps, guidance) pair asked for."""
 
-    split: Literal["validation", "train", "both"] = Field("validation", description="Which split's prompts.")
-    prompts: int = Field(256, ge=8, description="Seeded prompts per split.")
+    split: Literal["in_distribution", "held_out", "both"] = Field(
+        "in_distribution", description="Which prompts: in-distribution, held-out combinations, or both.")
+    per_family: int = Field(32, ge=1, description="Seeded prompts per GenEval family.")
     steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [25], min_length=1,
                                                      description="Step counts to sample at.")
     guidance: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [7.5], min_length=1,
                                                           description="Guidance scales to sample at.")
-    judge: str = Field("default", description="'default' or a local CLIPModel folder.")
+    judge: str = Field("default", description="'default' (exact GenEval-style judge) or a local CLIPModel folder.")

@@ -6,7 +6,7 @@ A recipe names a run, the input model and a seed, then the stages in order:
     model: default
     seed: 0
     stages:
-      - generate: {prompts: ["red apple"], steps: 25}
+      - generate: {prompts: ["a red circle"], steps: 25}
       - evaluate: {}
 
 Unknown keys are errors, and every error names the field and the recipe line it came from, so a

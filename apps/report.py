@@ -21,13 +21,15 @@ import torch
 from .. import modelio
 from ..compress.saved import load_shipped_pipeline
 from ..macs import census_model
+from ..distill import scenes
 from ..errors import UserError
 from ..charts import latency_chart, quality_chart
 from .page import Details, Figure, Section, Table, write_page
+from .evaluate import details, headline
 from .runner import read_manifest
 
 SAMPLE_LIMIT = 100_000_000  # UNet parameters above which the grid waits for a GPU (SD-1.5's is 860 M)
-GRID_PROMPTS = ["red apple", "grinning face", "rocket", "snowman", "rainbow", "penguin", "cactus", "fire"]
+GRID_PROMPTS = scenes.SHOWCASE_PROMPTS[::2]
 SETTING = re.compile(r"^(?P<split>\w+)/steps=(?P<steps>\d+)/guidance=(?P<guidance>[\d.]+)$")
 
 
@@ -76,7 +78,7 @@ def write_report(run_dir: Path, images: bool = True, log=print) -> tuple[Path, P
     sections = [_stages_section(records)]
     if images:
         sections.append(_images_section(records, out, log))
-    sections += [s for s in (_quality_section(records, out), _parity_section(records),
+    sections += [s for s in (_quality_section(records, out), _trade_section(records), _parity_section(records),
                              _latency_section(records, out), _coverage_section(records)) if s.items]
     sections.append(_details_section(records))
     first = records[0].manifest
@@ -101,8 +103,7 @@ def _headline(record: StageRecord) -> str:
         return (f"UNet params {m['params_before'] / 1e6:.2f} M → {m['params_after'] / 1e6:.2f} M, "
                 f"{m['removed_layers']} layers removed")
     if stage == "evaluate":
-        return "; ".join(f"{key.removeprefix('validation/')}: {value['prompt_score']:.3f}" for key, value in m.items()
-                         if SETTING.match(key))
+        return "; ".join(f"{key}: {headline(value):.3f}" for key, value in m.items() if SETTING.match(key))
     if stage == "export":
         psnr = [f"{k.split('/')[0]} image {v:.1f} dB" for k, v in m.items() if k.endswith("image_psnr")]
         worst = max((v for k, v in m.items() if k.endswith("max_abs")), default=None)
@@ -196,23 +197,51 @@ def _quality_section(records: list[StageRecord], out: Path) -> Section:
             continue
         for key, scores in record.metrics.items():
             if key.endswith("/real"):
-                real = scores["prompt_score"] if real is None else real
+                real = headline(scores) if real is None else real
                 continue
             match = SETTING.match(key)
             if not match:
                 continue
             label = f"{record.model} ({match['split']}, guidance {match['guidance']})"
-            series.setdefault(label, {})[int(match["steps"])] = scores["prompt_score"]
+            series.setdefault(label, {})[int(match["steps"])] = headline(scores)
             rows.append([record.model, match["split"], int(match["steps"]), float(match["guidance"]),
-                         scores["prompt_score"], scores.get("frechet_distance"), scores.get("retrieval_accuracy")])
+                         headline(scores), scores.get("frechet_distance"), details(scores)])
     if not rows:
         return Section("Quality")
-    items = [Table(["model", "prompts", "steps", "guidance", "prompt score", "Fréchet", "retrieval"], rows,
-                   "Judge scores (higher prompt score and retrieval, lower Fréchet distance are better).")]
+    items = [Table(["model", "prompts", "steps", "guidance", "score", "Fréchet", "detail"], rows,
+                   "Judge scores: GenEval-style overall (mean of the families' pass rates; CLIP score under a CLIP "
+                   "judge), higher is better; Fréchet distance on judge features, lower is better.")]
     if series:
         items.insert(0, Figure(quality_chart(series, real, out / "quality.png"),
-                               "Prompt score against sampling steps; dashed: the real images' score."))
+                               "Judge score against sampling steps; dashed: the reference renders' score."))
     return Section("Quality", items)
+
+
+def _trade_section(records: list[StageRecord]) -> Section:
+    """Per evaluated model and setting: score and whole-image latency (PyTorch, batch one, this machine);
+    then the teacher's most expensive setting against the last stage's cheapest, both measured in this run."""
+    rows = []
+    for record in records:
+        if record.stage != "evaluate" or not record.done:
+            continue
+        for key, scores in record.metrics.items():
+            match = SETTING.match(key)
+            if match and "image_ms" in scores:
+                rows.append([record.model, match["split"], int(match["steps"]), float(match["guidance"]),
+                             headline(scores), scores["image_ms"]])
+    if not rows:
+        return Section("Quality against image latency")
+    teacher = max((r for r in rows if r[0] == rows[0][0]), key=lambda r: r[5])
+    final = min((r for r in rows if r[0] == rows[-1][0]), key=lambda r: r[5])
+    items = [Table(["model", "prompts", "steps", "guidance", "score", "image ms"], rows,
+                   "Whole images (text encoder, every UNet call, VAE decoder) in PyTorch at batch one on this "
+                   "machine, median of 3.")]
+    if final is not teacher:
+        share = f"{final[4] / teacher[4]:.0%}" if teacher[4] else "n/a"
+        items.append(f"{teacher[0]} at {teacher[2]} steps ({teacher[5]:.1f} ms, score {teacher[4]:.3f}) against "
+                     f"{final[0]} at {final[2]} step{'s' if final[2] > 1 else ''} ({final[5]:.1f} ms, score "
+                     f"{final[4]:.3f}): {teacher[5] / final[5]:.1f}x faster per image, keeping {share} of the score.")
+    return Section("Quality against image latency", items)
 
 
 def _parity_section(records: list[StageRecord]) -> Section:

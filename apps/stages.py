@@ -125,31 +125,45 @@ def run_generate(config: GenerateConfig, ctx: StageContext) -> StageResult:
     return StageResult({"images": len(images), "seconds_per_image": round(seconds / len(images), 4)})
 
 
+def image_latency_ms(pipe, prompt: str, steps: int, guidance: float, seed: int, runs: int = 3) -> float:
+    """Median wall time of one whole image at batch one (text encoder, every UNet call, VAE decoder), in ms."""
+    import statistics
+    import time
+
+    from .generate import generate_images
+
+    generate_images(pipe, [prompt], steps, guidance, seed)  # warm-up: first calls allocate
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        generate_images(pipe, [prompt], steps, guidance, seed)
+        times.append((time.perf_counter() - began) * 1e3)
+    return round(statistics.median(times), 2)
+
+
 def evaluate_model(pipe, judge, config: EvaluateConfig, seed: int, log=print) -> dict:
-    """Scores of the real images (the ceiling) and of the model at every steps × guidance setting."""
-    from .evaluate import prompt_set, score
+    """Scores of the reference renders (the ceiling) and of the model at every steps × guidance setting,
+    each with its PyTorch image latency at batch one, so every stage's trade reads off one run."""
+    from .evaluate import describe, prompt_set, score
     from .generate import generate_images, sampling_calls
 
-    splits = ["validation", "train"] if config.split == "both" else [config.split]
-    total = len(splits) * len(config.guidance) * sum(sampling_calls(config.prompts, steps) for steps in config.steps)
+    splits = ["in_distribution", "held_out"] if config.split == "both" else [config.split]
+    prompt_sets = {split: prompt_set(split, config.per_family) for split in splits}
+    total = len(config.guidance) * sum(sampling_calls(len(p.scenes), steps)
+                                       for p in prompt_sets.values() for steps in config.steps)
     results = {}
     with progress_bar("evaluate: sampling", total) as advance:
-        for split in splits:
-            prompts = prompt_set(split, config.prompts)
+        for split, prompts in prompt_sets.items():
             results[f"{split}/real"] = score(judge, prompts.images, prompts)
-            log(f"{split} real images: {_fmt(results[f'{split}/real'])}")
+            log(f"{split} reference renders: {describe(results[f'{split}/real'])}")
             for guidance in config.guidance:
                 for steps in config.steps:
                     images = generate_images(pipe, prompts.captions, steps, guidance, seed, on_step=advance)
                     key = f"{split}/steps={steps}/guidance={guidance:g}"
-                    results[key] = score(judge, images, prompts)
-                    log(f"{key}: {_fmt(results[key])}")
+                    latency = image_latency_ms(pipe, prompts.captions[0], steps, guidance, seed)
+                    results[key] = score(judge, images, prompts) | {"image_ms": latency}
+                    log(f"{key}: {describe(results[key])}, {latency:.1f} ms per image")
     return results
-
-
-def _fmt(scores: dict) -> str:
-    return (f"prompt score {scores['prompt_score']:.4f}, Fréchet {scores['frechet_distance']:.3f}, "
-            f"retrieval {scores['retrieval_accuracy']:.3f}")
 
 
 def run_evaluate(config: EvaluateConfig, ctx: StageContext) -> StageResult:

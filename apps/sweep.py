@@ -26,6 +26,7 @@ from .. import modelio
 from ..errors import UserError
 from .page import Figure, Section, Table, write_page
 from .recipe import Recipe, load_recipe, stage_folder_name
+from .evaluate import headline
 from .report import SETTING, read_run
 from .runner import read_manifest, run_recipe
 
@@ -97,7 +98,7 @@ def link_shared_stages(recipe: Recipe, run_dir: Path, earlier: list[tuple[Recipe
 def collect(name: str, run_dir: Path, setting: str | None, error: str | None = None) -> dict:
     """One variant's row: quality from its last evaluate stage, latency from its last profile stage."""
     row = {"variant": name, "status": "failed" if error else "done", "error": error, "quality": None,
-           "setting": setting, "frechet": None, "retrieval": None, "latency_ms": None, "latency_source": None,
+           "setting": setting, "frechet": None, "latency_ms": None, "latency_source": None,
            "unet_params": None}
     try:
         records = read_run(run_dir)
@@ -116,8 +117,7 @@ def collect(name: str, run_dir: Path, setting: str | None, error: str | None = N
             if key not in record.metrics:
                 raise UserError(f"--setting {key}: {record.folder} scored {', '.join(keys)}")
             scores = record.metrics[key]
-            row.update(quality=scores["prompt_score"], setting=key, frechet=scores.get("frechet_distance"),
-                       retrieval=scores.get("retrieval_accuracy"))
+            row.update(quality=headline(scores), setting=key, frechet=scores.get("frechet_distance"))
         if record.stage == "profile" and (record.folder / "profile.json").exists():
             report = json.loads((record.folder / "profile.json").read_text())
             first = report["measurements"][0]
@@ -174,15 +174,15 @@ def write_sweep(sweep_dir: Path, rows: list[dict], recipe_path: Path, vary: list
         writer.writeheader()
         writer.writerows(rows)
     chart = pareto_chart(rows, sweep_dir / "pareto.png")
-    table = Table(["variant", "status", "quality", "Fréchet", "retrieval", "latency ms", "UNet params (M)",
+    table = Table(["variant", "status", "quality", "Fréchet", "latency ms", "UNet params (M)",
                    "frontier (latency / params)"],
-                  [[r["variant"], r["status"], r["quality"], r["frechet"], r["retrieval"], r["latency_ms"],
+                  [[r["variant"], r["status"], r["quality"], r["frechet"], r["latency_ms"],
                     round(r["unet_params"] / 1e6, 3) if r["unet_params"] else None,
                     " / ".join("yes" if f else "no" for f in (r["front_latency"], r["front_params"]))] for r in rows])
     setting = next((r["setting"] for r in rows if r["setting"]), "the last evaluate stage's first setting")
     source = next((r["latency_source"] for r in rows if r["latency_source"]), "no profile stage")
     intro = [f"Recipe {recipe_path}, varied: {'; '.join(vary)}.",
-             f"Quality: prompt score at {setting} (higher is better). Latency: {source}."]
+             f"Quality: judge score at {setting} (higher is better). Latency: {source}."]
     sections = [Section("Pareto frontier", [Figure(chart, "Quality against latency and against UNet parameters; "
                                                           "the frontier (no variant better on both) joined in red."), table])]
     failed = [r for r in rows if r["error"]]

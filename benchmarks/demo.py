@@ -1,6 +1,6 @@
 """The browser demo against the Python ONNX pipeline: latency per image and PSNR, measured in one run.
 
-    python benchmarks/demo.py EXPORT [--prompts "red apple,rocket,ghost"] [--runs 5] [--ep wasm|webgpu]
+    python benchmarks/demo.py EXPORT [--prompts "a red circle,two crosses,a triangle above a square"] [--runs 5] [--ep wasm|webgpu]
 
 EXPORT is an ONNX export of a few-step student (the quickstart's `runs/quickstart/10-export`).
 The page is served as `pocketdiff serve-demo` serves it and driven in headless Chromium; per prompt
@@ -26,7 +26,7 @@ from pocketdiff.export.runtime import ExportedPipeline
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path)
-    parser.add_argument("--prompts", default="red apple,rocket,ghost")
+    parser.add_argument("--prompts", default="a red circle,two crosses,a triangle above a square")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--ep", default="wasm")

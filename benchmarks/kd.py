@@ -1,13 +1,14 @@
 """What block-level KD wins back after pruning, and what feature KD adds to output-only KD.
 
     python benchmarks/kd.py [--model default] [--preset bk-small] [--steps 750] [--batch 64]
-                            [--prompts 256] [--work kd-bench] [--json F]
+                            [--per-family 32] [--work kd-bench] [--json F]
 
 The teacher is pruned with the preset, then distilled three times with the same budget, seed and
-data (OpenMoji's training split): with the full loss (task + output KD + normalised block-feature
+data (the scene training stream): with the full loss (task + output KD + normalised block-feature
 KD, BK-SDM / LAPTOP-Diff), with self-attention features instead (KOALA), and with output KD alone.
-The judge scores the teacher, the pruned model before KD and every student on the validation prompts (prompt score ↑,
-Fréchet distance ↓, retrieval ↑); the table gives each prompt score as a share of the teacher's.
+The judge scores the teacher, the pruned model before KD and every student on the in-distribution
+prompts (GenEval-style overall ↑ and each family's pass rate, Fréchet distance ↓); the table gives
+each overall score as a share of the teacher's.
 Runs resume: a student already trained in `--work` is only evaluated again.
 """
 
@@ -21,10 +22,11 @@ from pathlib import Path
 import torch
 
 from pocketdiff import modelio
-from pocketdiff.apps.evaluate import load_judge
+from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.compress.prune import prune_preset
 from pocketdiff.distill.kd import KDConfig, distill_kd
+from pocketdiff.distill.scenes import FAMILIES
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=750)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--per-family", type=int, default=32)
     parser.add_argument("--work", default="kd-bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -46,11 +48,11 @@ def main() -> None:
         prune_preset(teacher, args.preset, pruned_folder)
     pruned = modelio.open_model(pruned_folder)
     judge = load_judge("default")
-    evaluation = EvaluateConfig(prompts=args.prompts, steps=[25], guidance=[7.5])
+    evaluation = EvaluateConfig(per_family=args.per_family, steps=[25], guidance=[7.5])
 
     def quality(ref) -> dict:
         return evaluate_model(modelio.load_pipeline(ref), judge, evaluation, seed=0, log=lambda _: None)[
-            "validation/steps=25/guidance=7.5"]
+            "in_distribution/steps=25/guidance=7.5"]
 
     rows = {"teacher": {"quality": quality(teacher)}, f"{args.preset}, no KD": {"quality": quality(pruned)}}
     variants = {"feature KD (task + output + normalised blocks)": {},
@@ -63,16 +65,18 @@ def main() -> None:
                       "kd_wall_s": report["wall_time_s"], "samples_per_s": report["final"]["samples_per_s"],
                       "resumed_at_step": report["resumed_at_step"]}
 
-    top = rows["teacher"]["quality"]["prompt_score"]
+    top = headline(rows["teacher"]["quality"])
     print(f"{args.model} → {args.preset}, KD {args.steps} steps × batch {args.batch}, lr {args.lr}, "
-          f"{torch.get_num_threads()} CPU threads; {args.prompts} validation prompts, 25 DDIM steps, guidance 7.5\n")
-    print("| model | prompt score | ÷ teacher | Fréchet | retrieval | KD wall s | samples/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          f"{torch.get_num_threads()} CPU threads; in-distribution prompts, {args.per_family} per family, "
+          "25 DDIM steps, guidance 7.5\n")
+    print(f"| model | overall | ÷ teacher | {' | '.join(FAMILIES)} | Fréchet | KD wall s | samples/s |")
+    print("| --- " * (len(FAMILIES) + 6) + "|")
     for name, row in rows.items():
         q = row["quality"]
         trained = (f"{row['kd_wall_s']:.0f} | {row['samples_per_s']:.1f}" if "kd_wall_s" in row else "– | –")
-        print(f"| {name} | {q['prompt_score']:.4f} | {q['prompt_score'] / top:.3f} | {q['frechet_distance']:.3f} | "
-              f"{q['retrieval_accuracy']:.3f} | {trained} |")
+        families = " | ".join(f"{q['families'][f]:.2f}" for f in FAMILIES)
+        print(f"| {name} | {headline(q):.3f} | {headline(q) / top:.3f} | {families} | {q['frechet_distance']:.3f} | "
+              f"{trained} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

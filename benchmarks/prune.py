@@ -1,12 +1,13 @@
 """One-shot pruning without retraining: quality and latency per parameter ratio, by criterion.
 
-    python benchmarks/prune.py [--model default] [--ratios 0.9,0.8,0.7,0.6,0.5,0.4] [--prompts 256] [--json F]
+    python benchmarks/prune.py [--model default] [--ratios 0.9,0.8,0.7,0.6,0.5,0.4] [--per-family 32] [--json F]
 
 For each kept-parameter ratio and criterion (distortion, magnitude, random over three seeds), the
 teacher's UNet is pruned one-shot (scores computed once per criterion, as `pocketdiff prune
---target params=R` does) and swapped into the pipeline; the judge scores the validation prompts
-(prompt score ↑, Fréchet distance ↓), and the pruned UNet's latency on this host's CPU (torch
-eager, the guidance batch of two, fastest of 50) is divided by the teacher's, measured in the same run.
+--target params=R` does) and swapped into the pipeline; the judge scores the in-distribution
+prompts (GenEval-style overall ↑ and each family's pass rate, Fréchet distance ↓), and the pruned
+UNet's latency on this host's CPU (torch eager, the guidance batch of two, fastest of 50) is divided
+by the teacher's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import time
 import torch
 
 from pocketdiff import modelio
-from pocketdiff.apps.evaluate import load_judge
+from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.compress import oneshot
 from pocketdiff.distill.blocks import build_student, teacher_plan
 from pocketdiff.compress.prune import CALIBRATION_PROMPTS, calibration_batches
+from pocketdiff.distill.scenes import FAMILIES
 
 RANDOM_SEEDS = (0, 1, 2)
 
@@ -47,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--ratios", default="0.9,0.8,0.7,0.6,0.5,0.4")
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--per-family", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -57,12 +59,12 @@ def main() -> None:
     pipe = modelio.load_pipeline(ref)
     teacher = pipe.unet
     judge = load_judge("default")
-    evaluation = EvaluateConfig(prompts=args.prompts, steps=[args.steps], guidance=[7.5])
+    evaluation = EvaluateConfig(per_family=args.per_family, steps=[args.steps], guidance=[7.5])
 
     def quality(unet) -> dict:
         pipe.unet = unet
         result = evaluate_model(pipe, judge, evaluation, seed=0, log=lambda _: None)[
-            f"validation/steps={args.steps}/guidance=7.5"]
+            f"in_distribution/steps={args.steps}/guidance=7.5"]
         pipe.unet = teacher
         return result
 
@@ -94,24 +96,28 @@ def main() -> None:
                                        "removed": [u.name for u in chosen]}
 
     teacher_quality = rows["teacher"]["quality"]
-    print(f"teacher: prompt score {teacher_quality['prompt_score']:.4f}, Fréchet {teacher_quality['frechet_distance']:.3f}, "
-          f"UNet {teacher_ms:.1f} ms (batch 2, {args.steps} steps, guidance 7.5, {args.prompts} validation prompts)")
-    print("\n| kept params | criterion | params | prompt score | Fréchet | latency ÷ teacher | removed |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"teacher: overall {headline(teacher_quality):.3f}, Fréchet {teacher_quality['frechet_distance']:.3f}, "
+          f"UNet {teacher_ms:.1f} ms (batch 2, {args.steps} steps, guidance 7.5, in-distribution prompts, "
+          f"{args.per_family} per family)")
+    print(f"\n| kept params | criterion | params | overall | {' | '.join(FAMILIES)} | Fréchet | latency ÷ teacher "
+          "| removed |")
+    print("| --- " * (len(FAMILIES) + 7) + "|")
     for key, row in rows.items():
         if key == "teacher":
             continue
         ratio, name = key.split("/", 1)
-        print(f"| {ratio} | {name} | {row['params_ratio']:.3f} | {row['quality']['prompt_score']:.4f} | "
-              f"{row['quality']['frechet_distance']:.3f} | {row['latency_ratio']:.2f} | {', '.join(row['removed'])} |")
-    print("\n| kept params | prompt score: distortion − mean random | − best random seed "
+        q = row["quality"]
+        families = " | ".join(f"{q['families'][f]:.2f}" for f in FAMILIES)
+        print(f"| {ratio} | {name} | {row['params_ratio']:.3f} | {headline(q):.3f} | {families} | "
+              f"{q['frechet_distance']:.3f} | {row['latency_ratio']:.2f} | {', '.join(row['removed'])} |")
+    print("\n| kept params | overall: distortion − mean random | − best random seed "
           "| Fréchet: distortion − mean random (lower is better) |")
     print("| --- | --- | --- | --- |")
     for ratio in args.ratios.split(","):
         ours = rows[f"{float(ratio)}/distortion"]["quality"]
         randoms = [rows[f"{float(ratio)}/random/{s}"]["quality"] for s in RANDOM_SEEDS]
-        print(f"| {ratio} | {ours['prompt_score'] - statistics.mean(r['prompt_score'] for r in randoms):+.4f} | "
-              f"{ours['prompt_score'] - max(r['prompt_score'] for r in randoms):+.4f} | "
+        print(f"| {ratio} | {headline(ours) - statistics.mean(headline(r) for r in randoms):+.3f} | "
+              f"{headline(ours) - max(headline(r) for r in randoms):+.3f} | "
               f"{ours['frechet_distance'] - statistics.mean(r['frechet_distance'] for r in randoms):+.3f} |")
     print(f"\ndistortion scoring: {len(units)} units, {sum(len(b['sample']) for b in batches)} UNet calls, "
           f"{scoring_seconds:.0f} s; whole run {time.perf_counter() - began:.0f} s on {torch.get_num_threads()} threads")

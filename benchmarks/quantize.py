@@ -3,7 +3,7 @@
     python benchmarks/quantize.py --model STUDENT
                                   [--backend xnnpack|onnx-int8|coreml-w8a8|coreml-palette4|coreml-palette6|brevitas-w4a8]
                                   [--sample-steps 1]
-                                  [--qat-steps 600] [--lr 1e-5] [--feature-weight W] [--prompts 256]
+                                  [--qat-steps 600] [--lr 1e-5] [--feature-weight W] [--per-family 32]
                                   [--calibration-prompts 256] [--attention]
                                   [--work quantize-bench] [--json F]
 
@@ -12,17 +12,17 @@ Rows: the fp32 model; for ExecuTorch, post-training int8 of the linear layers al
 after QAT (palettes: post-training tables, then trained tables); with `--attention` (onnx-int8,
 coreml-w8a8), post-training int8 with the attention matmuls' operands too. Each quantized model is the one
 `pocketdiff quantize --backend B` writes, judged through its int8 graph (torch's reference int8
-ops; a palette is its float weights) on the same validation prompts and seeds: prompt score ↑ (and
-as a share of fp32's), Fréchet distance ↓, retrieval ↑. Each is then exported to the backend's
-format (xnnpack: ExecuTorch; onnx-int8, brevitas-w4a8: ONNX; coreml-*: Core ML, whose float row is its default
-fp16), UNet only, as that format ships it, checked against fp32 PyTorch (relative error of the
-exported file's output) and timed in that format's runtime on this host at the export's batch,
-once every file is written: `--rounds` rounds in which the files take turns, each loaded afresh,
-warmed up and called `--repeats` times (timed one by one, each right after its export in the
-exporting process, two int8 programs of one graph timed 8.6 and 5.7 ms). Latency is the 10th
-percentile over all rounds; the speed-up over the float file is given per round, as a range. Core
-ML runs only on macOS: elsewhere its rows have sizes and no error or time. Quantized folders in
-`--work` are reused, so a rerun only evaluates and times.
+ops; a palette is its float weights) on the same in-distribution prompts and seeds: GenEval-style
+overall ↑ (and as a share of fp32's) and each family's pass rate, Fréchet distance ↓. Each is then
+exported to the backend's format (xnnpack: ExecuTorch; onnx-int8, brevitas-w4a8: ONNX; coreml-*:
+Core ML, whose float row is its default fp16), UNet only, as that format ships it, checked against
+fp32 PyTorch (relative error of the exported file's output) and timed in that format's runtime on
+this host at the export's batch, once every file is written: `--rounds` rounds in which the files
+take turns, each loaded afresh, warmed up and called `--repeats` times (timed one by one, each right
+after its export in the exporting process, two int8 programs of one graph timed 8.6 and 5.7 ms).
+Latency is the 10th percentile over all rounds; the speed-up over the float file is given per
+round, as a range. Core ML runs only on macOS: elsewhere its rows have sizes and no error or time.
+Quantized folders in `--work` are reused, so a rerun only evaluates and times.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from pocketdiff import modelio
-from pocketdiff.apps.evaluate import load_judge
+from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.compress.quantize import QuantizeConfig, quantize
 from pocketdiff.compress.saved import load_shipped_pipeline
+from pocketdiff.distill.scenes import FAMILIES
 from pocketdiff.export.components import model_components
 from pocketdiff.export.exporter import ExportConfig, export_model
 from unet_speedups import session_times  # beside this script
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--feature-weight", type=float, default=QuantizeConfig.model_fields["feature_weight"].default,
                         help="QAT: weight of the stage-output KD terms (0: output distillation only)")
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--per-family", type=int, default=32)
     parser.add_argument("--calibration-prompts", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
@@ -68,8 +69,8 @@ def main() -> None:
     args = parser.parse_args()
 
     work, judge, model = Path(args.work), load_judge("default"), modelio.open_model(args.model)
-    evaluation = EvaluateConfig(prompts=args.prompts, steps=[args.sample_steps], guidance=[args.guidance])
-    key = f"validation/steps={args.sample_steps}/guidance={args.guidance:g}"
+    evaluation = EvaluateConfig(per_family=args.per_family, steps=[args.sample_steps], guidance=[args.guidance])
+    key = f"in_distribution/steps={args.sample_steps}/guidance={args.guidance:g}"
     fmt, common = FORMATS[args.backend], {"backend": args.backend, "prompts": args.calibration_prompts}
     kind = {"coreml-palette4": "palette4", "coreml-palette6": "palette6", "brevitas-w4a8": "W4A8"}.get(args.backend, "int8")
     variants = {
@@ -117,19 +118,20 @@ def main() -> None:
             speedups[name].append(p10["fp32"] / p10[name])
 
     base = rows["fp32"]
-    print(f"\n{args.prompts} validation prompts, {args.sample_steps} step(s), guidance {args.guidance:g}; "
-          f"{fmt} UNet (backend {args.backend}) on this host")
-    print("| model (exported as) | prompt score | vs fp32 | Fréchet | retrieval | UNet rel. error (in torch) | "
-          f"{fmt} rel. error | file MB | size ratio | UNet p10 ms | speed-up over float (per round) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nin-distribution prompts, {args.per_family} per family, {args.sample_steps} step(s), "
+          f"guidance {args.guidance:g}; {fmt} UNet (backend {args.backend}) on this host")
+    print(f"| model (exported as) | overall | vs fp32 | {' | '.join(FAMILIES)} | Fréchet | UNet rel. error (in torch) "
+          f"| {fmt} rel. error | file MB | size ratio | UNet p10 ms | speed-up over float (per round) |")
+    print("| --- " * (len(FAMILIES) + 10) + "|")
     def figure(value, spec: str) -> str:
         return "–" if value is None else format(value, spec)
 
     for name, row in rows.items():
         s, timed = row["scores"], bool(row["unet_ms"])
-        print(f"| {name} ({row['precision']}) | {s['prompt_score']:.4f} | "
-              f"{s['prompt_score'] / base['scores']['prompt_score']:.3f} | {s['frechet_distance']:.3f} | "
-              f"{s['retrieval_accuracy']:.3f} | {row.get('unet_relative_error', 0):.4f} | {figure(row['exported_rel'], '.4f')} | "
+        families = " | ".join(f"{s['families'][f]:.2f}" for f in FAMILIES)
+        print(f"| {name} ({row['precision']}) | {headline(s):.3f} | {headline(s) / headline(base['scores']):.3f} | "
+              f"{families} | {s['frechet_distance']:.3f} | {row.get('unet_relative_error', 0):.4f} | "
+              f"{figure(row['exported_rel'], '.4f')} | "
               f"{row['file_bytes'] / 1e6:.1f} | {row['file_bytes'] / base['file_bytes']:.3f} | "
               f"{figure(np.percentile(row['unet_ms'], 10) if timed else None, '.1f')} | "
               f"{f'{min(speedups[name]):.2f}–{max(speedups[name]):.2f}×' if timed else '–'} |")

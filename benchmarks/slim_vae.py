@@ -1,14 +1,15 @@
 """A slim VAE for the embedded default: cost, fidelity to the teacher VAE, and the images it makes.
 
     python benchmarks/slim_vae.py [--model default] [--width 0.5] [--layers-per-block 1] [--steps 1000]
-                                  [--prompts 256] [--work vae-bench] [--json F]
+                                  [--per-family 32] [--work vae-bench] [--json F]
 
 Distils the slim VAE (`pocketdiff distill vae`), then reports, measured in this run: decoder and
 encoder parameters and MACs before and after; decoder latency on this host's CPU (torch eager, one
-latent, the fastest of 50) slim ÷ teacher; the slim decoder's PSNR against the teacher's on the
-validation images' latents and both autoencoders' reconstruction PSNR; the judge's scores of the
-pipeline with each VAE (validation prompts, 25 DDIM steps, guidance 7.5). It also sizes the same
-slimming on SD-1.5's VAE config at 512 px (architecture only: MACs, no training).
+latent, the fastest of 50) slim ÷ teacher; the slim decoder's PSNR against the teacher's on
+held-out images' latents (evaluation scenes) and both autoencoders' reconstruction PSNR; the judge's
+scores of the pipeline with each VAE (in-distribution prompts, 25 DDIM steps, guidance 7.5:
+GenEval-style overall, each family's pass rate, Fréchet distance). It also sizes the same slimming
+on SD-1.5's VAE config at 512 px (architecture only: MACs, no training).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 
 from pocketdiff import modelio
-from pocketdiff.apps.evaluate import load_judge
+from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.macs import count
+from pocketdiff.distill.scenes import FAMILIES
 from pocketdiff.distill.vae import SlimVAEConfig, distill_vae, slim_config
 
 SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--layers-per-block", type=int, default=1)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--per-family", type=int, default=32)
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -75,8 +77,8 @@ def main() -> None:
     latent = teacher_pipe.unet.config.sample_size
     teacher_ms, slim_ms = decoder_ms(teacher_pipe.vae, latent), decoder_ms(slim_pipe.vae, latent)
     judge = load_judge("default")
-    evaluation = EvaluateConfig(prompts=args.prompts, steps=[25], guidance=[7.5])
-    key = "validation/steps=25/guidance=7.5"
+    evaluation = EvaluateConfig(per_family=args.per_family, steps=[25], guidance=[7.5])
+    key = "in_distribution/steps=25/guidance=7.5"
     scores = {name: evaluate_model(pipe, judge, evaluation, seed=0, log=lambda _: None)[key]
               for name, pipe in (("teacher VAE", teacher_pipe), ("slim VAE", slim_pipe))}
     sd_before = decoder_macs(SD15_VAE, 64)
@@ -92,11 +94,13 @@ def main() -> None:
     print(f"| decoder latency (ms, CPU, 1 latent) | {teacher_ms:.2f} | {slim_ms:.2f} | {slim_ms / teacher_ms:.3f} |")
     print(f"| SD-1.5 VAE decoder MACs at 512 px (G) | {sd_before / 1e9:.1f} | {sd_after / 1e9:.1f} | "
           f"{sd_after / sd_before:.3f} |")
-    print(f"\nslim decoder vs the teacher's on validation latents: {report['decoder_psnr_db']} dB; reconstruction "
-          f"of validation images: slim {report['student_recon_psnr_db']} dB, teacher {report['teacher_recon_psnr_db']} dB")
-    print("\n| pipeline | prompt score | Fréchet | retrieval |\n| --- | --- | --- | --- |")
+    print(f"\nslim decoder vs the teacher's on held-out latents: {report['decoder_psnr_db']} dB; reconstruction "
+          f"of held-out images: slim {report['student_recon_psnr_db']} dB, teacher {report['teacher_recon_psnr_db']} dB")
+    print(f"\n| pipeline ({args.per_family} prompts per family) | overall | {' | '.join(FAMILIES)} | Fréchet |")
+    print("| --- " * (len(FAMILIES) + 3) + "|")
     for name, q in scores.items():
-        print(f"| {name} | {q['prompt_score']:.4f} | {q['frechet_distance']:.3f} | {q['retrieval_accuracy']:.3f} |")
+        families = " | ".join(f"{q['families'][f]:.2f}" for f in FAMILIES)
+        print(f"| {name} | {headline(q):.3f} | {families} | {q['frechet_distance']:.3f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"report": report, "scores": scores, "decoder_ms": [teacher_ms, slim_ms],
                                                "sd15_decoder_macs": [sd_before, sd_after]}, indent=2))

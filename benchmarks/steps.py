@@ -3,14 +3,15 @@
     python benchmarks/steps.py [--model default] [--methods lcm,progressive,dmd] [--lcm-steps 800]
                                [--progressive-steps 200] [--start-steps 16] [--dmd-steps 700]
                                [--fake-updates 1] [--regression-weight 1.0]
-                               [--batch 32] [--prompts 256] [--work steps-bench] [--json F]
+                               [--batch 32] [--per-family 32] [--work steps-bench] [--json F]
 
 The teacher samples with DDIM and classifier-free guidance 7.5 at 1, 2, 4, 8 and 25 steps; each
 student samples at 1, 2 and 4 steps with guidance 7.5 embedded (one UNet call per step), with the
-scheduler saved in its folder. Same validation prompts and seeds for every row: prompt score ↑
-(also as a share of the teacher's 25-step score), Fréchet distance ↓, retrieval ↑. Training wall
-time is per method on this machine. Runs resume: a student already trained in `--work` is only
-evaluated again. Give `--model` a pruned + KD'd pipeline for the issue's second table.
+scheduler saved in its folder. Same in-distribution prompts and seeds for every row: GenEval-style
+overall ↑ (also as a share of the teacher's 25-step score) and each family's pass rate, Fréchet
+distance ↓. Training wall time is per method on this machine. Runs resume: a student already
+trained in `--work` is only evaluated again. Give `--model` a pruned + KD'd pipeline for the
+issue's second table.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 import torch
 
 from pocketdiff import modelio
-from pocketdiff.apps.evaluate import load_judge
+from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
+from pocketdiff.distill.scenes import FAMILIES
 from pocketdiff.distill.step_common import StepDistillConfig
 from pocketdiff.distill.steps import distill_steps
 
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--methods", default="lcm,progressive,dmd")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--prompts", type=int, default=256)
+    parser.add_argument("--per-family", type=int, default=32)
     parser.add_argument("--work", default="steps-bench")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -50,9 +52,9 @@ def main() -> None:
     teacher = modelio.open_model(args.model)
 
     def scores(ref, step_counts) -> dict:
-        config = EvaluateConfig(prompts=args.prompts, steps=step_counts, guidance=[7.5])
+        config = EvaluateConfig(per_family=args.per_family, steps=step_counts, guidance=[7.5])
         results = evaluate_model(modelio.load_pipeline(ref), judge, config, seed=0, log=lambda _: None)
-        return {n: results[f"validation/steps={n}/guidance=7.5"] for n in step_counts}
+        return {n: results[f"in_distribution/steps={n}/guidance=7.5"] for n in step_counts}
 
     rows = {"teacher (DDIM + CFG)": {"scores": scores(teacher, [1, 2, 4, 8, 25])}}
     methods = {"lcm": {"steps": args.lcm_steps},
@@ -72,16 +74,17 @@ def main() -> None:
                                      "optimizer_steps": sum(config.steps for _ in report["rounds"]),
                                      "resumed": [r["resumed_at_step"] for r in report["rounds"]]}
 
-    top = rows["teacher (DDIM + CFG)"]["scores"][25]["prompt_score"]
-    print(f"{args.model}: {args.prompts} validation prompts, guidance 7.5, seeds 0+i; batch {args.batch}, "
-          f"lr {args.lr}, {torch.get_num_threads()} CPU threads\n")
-    print("| model | steps | prompt score | ÷ teacher@25 | Fréchet | retrieval | training wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    top = headline(rows["teacher (DDIM + CFG)"]["scores"][25])
+    print(f"{args.model}: in-distribution prompts, {args.per_family} per family, guidance 7.5, seeds 0+i; "
+          f"batch {args.batch}, lr {args.lr}, {torch.get_num_threads()} CPU threads\n")
+    print(f"| model | steps | overall | ÷ teacher@25 | {' | '.join(FAMILIES)} | Fréchet | training wall s |")
+    print("| --- " * (len(FAMILIES) + 6) + "|")
     for name, row in rows.items():
         for n, q in row["scores"].items():
             wall = f"{row['train_wall_s']:.0f}" if "train_wall_s" in row else "–"
-            print(f"| {name} | {n} | {q['prompt_score']:.4f} | {q['prompt_score'] / top:.3f} | "
-                  f"{q['frechet_distance']:.3f} | {q['retrieval_accuracy']:.3f} | {wall} |")
+            families = " | ".join(f"{q['families'][f]:.2f}" for f in FAMILIES)
+            print(f"| {name} | {n} | {headline(q):.3f} | {headline(q) / top:.3f} | {families} | "
+                  f"{q['frechet_distance']:.3f} | {wall} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

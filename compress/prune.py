@@ -22,15 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .. import modelio
 from ..errors import UserError
+from ..distill import scenes
 from ..distill.blocks import Plan, build_student, preset_plan, remove_blocks, teacher_plan
 from ..macs import census_model
 from . import oneshot
 from .calibration import batched, record_unet_inputs
 
-# Everyday subjects for calibration trajectories; the embedded default knows them as emoji names.
-CALIBRATION_PROMPTS = ["red apple", "rocket", "dog face", "house", "grinning face", "automobile", "deciduous tree",
-                       "sun", "woman technologist", "pizza", "bicycle", "cat face", "snowman", "heart", "fire",
-                       "guitar"]
+CALIBRATION_PROMPTS = scenes.SHOWCASE_PROMPTS  # every prompt family of the embedded default
 
 
 def _teacher(ref: modelio.ModelRef):

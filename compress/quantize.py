@@ -18,14 +18,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
 from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
-from ..distill import data
+from ..distill import scenes
 from ..distill.trainer import RunSettings, Trainer, epoch_batches, last_logged
 from . import sensitivity
 from .backends import BACKENDS, SPEC_FILE
@@ -75,9 +74,9 @@ def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return float((output - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt())
 
 
-def _captions(split: str, count: int, seed: int) -> list[str]:
-    captions = data.load_emoji(32, split).captions
-    return [captions[i] for i in np.random.default_rng([seed, count]).choice(len(captions), count, replace=False)]
+def _captions(stream: int, count: int, seed: int) -> list[str]:
+    """`count` scene captions of one stream: calibration (0) and its check (1) draw apart."""
+    return [scenes.scene_at(i, seed=2 * seed + stream).prompt.caption for i in range(count)]
 
 
 def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
@@ -95,9 +94,9 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     pipe = modelio.load_pipeline(ref)
     unet = pipe.unet.requires_grad_(False)
     log(f"recording {config.prompts} + {config.check_prompts} trajectories of {config.sampling_steps} steps")
-    rows = per_sample(record_unet_inputs(pipe, _captions("train", config.prompts, config.seed),
+    rows = per_sample(record_unet_inputs(pipe, _captions(0, config.prompts, config.seed),
                                          config.sampling_steps, config.guidance))
-    check = per_sample(record_unet_inputs(pipe, _captions("validation", config.check_prompts, config.seed),
+    check = per_sample(record_unet_inputs(pipe, _captions(1, config.check_prompts, config.seed),
                                           config.sampling_steps, config.guidance))
     size = min(config.batch, rows["sample"].shape[0], check["sample"].shape[0])
     reference = traced(unet)

@@ -24,7 +24,7 @@ from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
 from ..progress import tracked
-from . import data
+from . import data, scenes
 from .conditions import caption_ids
 from .trainer import epoch_batches
 
@@ -32,7 +32,8 @@ from .trainer import epoch_batches
 class DataSettings(BaseModel):
     """Where a distillation run's latents come from: an image–caption set, or captions the teacher samples."""
 
-    data: str = Field("openmoji", description="'openmoji' or a folder of images with metadata.jsonl.")
+    data: str = Field("scenes", description="'scenes' (the default's procedural set), 'openmoji', or a folder of "
+                                            "images with metadata.jsonl.")
     captions: str | None = Field(
         None, description="Data-free instead: a captions file (one per line); the teacher's samples become the data.")
     teacher_steps: int = Field(25, ge=1, description="Data-free: sampling steps of the teacher.")
@@ -91,14 +92,28 @@ def image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]
     return tensor, captions
 
 
+SCENE_POOL = 8192  # scenes a distillation run draws from: more than the quickstart's students see
+
+
 def image_set(source: str, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] and captions: 'openmoji' (its training split) or an ImageFolder-layout folder."""
+    """Images in [-1, 1] and captions: 'scenes', 'openmoji' (training splits) or an ImageFolder-layout folder."""
+    if source == "scenes":
+        pool = scenes.training_set(SCENE_POOL, resolution=resolution)
+        return pool.tensors(), pool.captions
     if source == "openmoji":
         emoji = data.load_emoji(resolution, "train")
         return emoji.tensors(), emoji.captions
     if not Path(source).is_dir():
-        raise UserError(f"data {source!r}: give 'openmoji' or a folder with images and metadata.jsonl")
+        raise UserError(f"data {source!r}: give 'scenes', 'openmoji' or a folder with images and metadata.jsonl")
     return image_folder(Path(source), resolution)
+
+
+def held_out_images(source: str, resolution: int, count: int = 256) -> torch.Tensor:
+    """Images no training split holds, for reconstruction figures: evaluation scenes, or OpenMoji's validation."""
+    if source == "scenes":
+        return scenes.render_set(scenes.evaluation_scenes(per_family=-(-count // len(scenes.FAMILIES))),
+                                 resolution).tensors()[:count]
+    return data.load_emoji(resolution, "validation").tensors()[:count]
 
 
 def digest_of(*parts) -> str:
@@ -140,13 +155,13 @@ def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def image_latents(pipe, vae_folder: Path, source: str, resolution: int) -> LatentSet:
-    """Latents of an image–caption set: 'openmoji' (its training split) or an ImageFolder-layout folder."""
+    """Latents of an image–caption set: 'scenes', 'openmoji' (training splits) or an ImageFolder-layout folder."""
     def build() -> LatentSet:
         images, captions = image_set(source, resolution)
         mean, std = encode_images(pipe.vae, images)
         return LatentSet(mean, std, captions)
 
-    folder_id = source if source == "openmoji" else _files_digest(Path(source))
+    folder_id = (source, SCENE_POOL) if source == "scenes" else source if source == "openmoji" else _files_digest(Path(source))
     return _cached("images-" + digest_of(hash_model_folder(vae_folder), folder_id, resolution), build)
 
 

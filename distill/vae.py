@@ -21,7 +21,6 @@ from .. import modelio
 from ..errors import UserError
 from ..folderhash import hash_model_folder
 from ..macs import census_model
-from . import data
 from . import latents as latent_data
 from .trainer import RunSettings, Trainer, epoch_batches
 
@@ -34,7 +33,7 @@ class SlimVAEConfig(RunSettings):
     batch: int = Field(32, ge=1, description="Images per step.")
     lr: float = Field(5e-4, gt=0, description="Learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Steps of linear learning-rate warm-up.")
-    data: str = Field("openmoji", description="'openmoji' or a folder of images with metadata.jsonl.")
+    data: str = Field("scenes", description="'scenes', 'openmoji', or a folder of images with metadata.jsonl.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints a killed run resumes from.")
 
 
@@ -82,8 +81,8 @@ def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=pri
     student = AutoencoderKL.from_config(slim_config(dict(teacher.config), config.width, config.layers_per_block))
     resolution = pipe.unet.config.sample_size * modelio.vae_scale_factor(ref)
     images, _ = latent_data.image_set(config.data, resolution)
-    if config.data == "openmoji":
-        held_out = data.load_emoji(resolution, "validation").tensors()[:256]
+    if config.data in ("scenes", "openmoji"):
+        held_out = latent_data.held_out_images(config.data, resolution)
     elif len(images) < 2:
         raise UserError(f"{config.data}: at least 2 images are needed (one in ten is held out for the figures)")
     else:

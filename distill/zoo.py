@@ -14,17 +14,17 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..stockformat import make_stock_pipeline
-from . import data, tokenizer
+from . import scenes, tokenizer
 from .conditions import token_ids
 from .latents import encode_images
 from .trainer import Trainer, TrainConfig, epoch_batches
 
-RESOLUTION = 32
+RESOLUTION = scenes.RESOLUTION
+TOKENS = 16  # every caption fits (at most 13 tokens); 77 would make the text encoder cost more than the UNet
 CAPTION_DROPOUT = 0.1  # empty-prompt training so classifier-free guidance works
 
 
@@ -34,18 +34,18 @@ class DefaultTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    vae_steps: int = 500
+    vae_steps: int = 800
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    unet_steps: list[int] = [1200, 1800]  # cumulative ends of cosine cycles; each cycle resumes the last
+    unet_steps: list[int] = [2500, 4000]  # cumulative ends of cosine cycles; each cycle resumes the last
     unet_batch: int = 128
-    unet_lr: float = 3e-4
+    unet_lr: float = 5e-4
     ema_decay: float = 0.995
-    subset: int | None = None  # train on the first N training images only (tests)
+    scenes: int = 50_000  # the training pool: the first N scenes of the seeded stream, rendered once
 
     @classmethod
     def quick(cls, seed: int = 0) -> "DefaultTrainConfig":
-        return cls(seed=seed, vae_steps=4, vae_batch=8, unet_steps=[2, 4], unet_batch=8, subset=64)
+        return cls(seed=seed, vae_steps=4, vae_batch=8, unet_steps=[2, 4], unet_batch=8, scenes=64)
 
 
 def text_encoder_config(vocab: dict[str, int]):
@@ -53,7 +53,7 @@ def text_encoder_config(vocab: dict[str, int]):
 
     return CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=128, hidden_act="quick_gelu",
+        num_attention_heads=4, max_position_embeddings=TOKENS, projection_dim=128, hidden_act="quick_gelu",
         bos_token_id=vocab[tokenizer.BOS], eos_token_id=vocab[tokenizer.EOS], pad_token_id=vocab[tokenizer.EOS],
     )
 
@@ -87,11 +87,6 @@ def scheduler_config() -> dict:
         "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
         "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "trailing",
     }
-
-
-def _training_set(config: DefaultTrainConfig) -> data.EmojiSet:
-    train = data.load_emoji(RESOLUTION, "train")
-    return train.subset(np.arange(config.subset)) if config.subset else train
 
 
 def train_vae(images: torch.Tensor, config: DefaultTrainConfig, work: Path):
@@ -177,11 +172,11 @@ def train_default(out: Path, config: DefaultTrainConfig, work: Path | None = Non
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - began
         timings_file.write_text(json.dumps(timings))
 
-    train = _training_set(config)
+    train = scenes.training_set(config.scenes, config.seed)
     images = train.tensors()
 
     began = time.perf_counter()
-    tokenizer.build_clip_tokenizer_files(data.load_emoji(RESOLUTION, "train").captions, work / "tokenizer")
+    tokenizer.build_clip_tokenizer_files(scenes.vocabulary_captions(), work / "tokenizer", max_length=TOKENS)
     tok = CLIPTokenizer.from_pretrained(work / "tokenizer")
     spent("tokenizer_s", began)
 

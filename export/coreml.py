@@ -5,8 +5,9 @@
 `xcrun coremlcompiler` calls that make the `.mlmodelc` Swift loads; on macOS the export runs
 them itself). The contract is apple/ml-stable-diffusion's Swift package at commit e12202c
 (`swift/StableDiffusion/pipeline/`, cited by file and line where each rule is applied):
-the text encoder takes float32 `input_ids` (1, 77) and returns `last_hidden_state`; the UNet takes
-`sample`, a per-batch float32 `timestep` and `encoder_hidden_states` in the (B, dim, 1, 77) layout
+the text encoder takes float32 `input_ids` (1, T) and returns `last_hidden_state`; the UNet takes
+`sample`, a per-batch float32 `timestep` and `encoder_hidden_states` in the (B, dim, 1, T) layout, T
+the tokenizer's length (CLIP's 77; Swift pads to the model's input length)
 and returns `noise_pred`; the decoder takes `z`, the encoder one image and returns the Gaussian's
 8-channel moments. Every output is float32: the package reads them as Float32, and float16
 outputs crash on its minimum OS (iOS 16 / macOS 13). Unlike Apple's converter this one takes

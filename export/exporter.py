@@ -45,7 +45,7 @@ class ExportConfig(BaseModel):
         description="The components exported (an SDXL pipeline's text_encoder is both its encoders).")
     executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1,
                                            description="ExecuTorch partitioners: xnnpack, coreml, mps, vulkan, qnn.")
-    prompts: list[str] = Field(default_factory=lambda: ["red apple", "rocket"], min_length=1,
+    prompts: list[str] = Field(default_factory=lambda: ["a red circle", "a triangle above a cross"], min_length=1,
                                json_schema_extra={"free_text": True}, description="Prompts of the image check.")
     steps: int = Field(4, ge=1, description="Sampling steps of the image check.")
     guidance: float = Field(7.5, ge=0, description="Guidance of the image check; a guidance-distilled student's Core "

@@ -51,7 +51,7 @@ def swift_options(ref, guidance: float, batch_one: bool) -> dict:
 
 
 def _markdown(options: dict, packages: list[str]) -> str:
-    cli = (f"swift run StableDiffusionSample \"red apple\" --resource-path Resources --scheduler dpmpp "
+    cli = (f"swift run StableDiffusionSample \"a red circle\" --resource-path Resources --scheduler dpmpp "
            f"--step-count {options['stepCount']} --guidance-scale {options['guidanceScale']:g} --seed 0"
            f"{' --xl' if options['xl'] else ''} --output-path out")
     if options["embeddedGuidance"] is not None:

@@ -146,16 +146,15 @@ def sd15_unet_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
-    """32 OpenMoji images as a Hugging Face ImageFolder (metadata.jsonl), the layout users bring."""
-    import numpy as np
+    """32 scene images as a Hugging Face ImageFolder (metadata.jsonl), the layout users bring."""
     from PIL import Image
 
-    from pocketdiff.distill import data
+    from pocketdiff.distill import scenes
 
     folder = tmp_path_factory.mktemp("images")
-    emoji = data.load_emoji(32, "train").subset(np.arange(32))
+    pool = scenes.training_set(32)
     rows = []
-    for i, (image, caption) in enumerate(zip(emoji.images, emoji.captions)):
+    for i, (image, caption) in enumerate(zip(pool.images, pool.captions)):
         Image.fromarray(image).resize((48, 40)).save(folder / f"{i}.png")  # not square: fitted on load
         rows.append(json.dumps({"file_name": f"{i}.png", "text": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
@@ -183,13 +182,3 @@ def compat_python() -> str:
     from tests.stockcheck import compat_python as build
 
     return build()
-
-
-@pytest.fixture(scope="session")
-def quick_judge(tmp_path_factory) -> Path:
-    """A judge trained for a few steps on 64 images: real weights, real interface, no quality."""
-    from pocketdiff.distill.judge import train_judge
-
-    folder = tmp_path_factory.mktemp("judge") / "judge"
-    train_judge(folder, steps=4, batch=32, subset=64)
-    return folder

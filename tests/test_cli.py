@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from pocketdiff.apps.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "inspect", "generate", "evaluate", "export", "zoo", "zoo train-default", "zoo train-judge", "distill",
+COMMANDS = ["run", "inspect", "generate", "evaluate", "export", "zoo", "zoo train-default", "distill",
             "distill kd", "distill vae", "distill steps", "quantize", "profile", "estimate", "devices", "devices list",
             "devices calibrate", "report", "sweep", "serve-demo"]
 
@@ -79,15 +79,19 @@ def test_generate_writes_pngs_and_grid(tiny_pipeline, tmp_path):
     assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 128
 
 
-def test_evaluate_writes_scores(tiny_pipeline, quick_judge, tmp_path):
+def test_evaluate_writes_scores(tiny_pipeline, tmp_path):
     import json
 
     out = tmp_path / "scores.json"
-    result = subprocess.run(["pocketdiff", "evaluate", str(tiny_pipeline), "--prompts", "8", "--steps", "1,2",
-                             "--guidance", "1", "--judge", str(quick_judge), "--json", str(out)],
+    result = subprocess.run(["pocketdiff", "evaluate", str(tiny_pipeline), "--per-family", "2", "--steps", "1,2",
+                             "--guidance", "1", "--json", str(out)],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     scores = json.loads(out.read_text())
-    assert set(scores) == {"validation/real", "validation/steps=1/guidance=1", "validation/steps=2/guidance=1"}
+    assert set(scores) == {"in_distribution/real", "in_distribution/steps=1/guidance=1",
+                           "in_distribution/steps=2/guidance=1"}
+    assert scores["in_distribution/real"]["overall"] == 1.0  # the judge passes every reference render
+    assert set(scores["in_distribution/steps=1/guidance=1"]["families"]) == {
+        "single_object", "two_objects", "counting", "colors", "position", "color_attr"}
     bad = subprocess.run(["pocketdiff", "evaluate", str(tiny_pipeline), "--steps", "one"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: evaluate:")

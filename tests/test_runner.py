@@ -66,20 +66,20 @@ def test_input_change_reruns(tiny_pipeline, tmp_path):
     assert "skipped" not in output and read_manifest(run_dir / "01-generate")["attempt"] == 2
 
 
-def test_failed_stage_is_recorded_and_retried(tiny_pipeline, quick_judge, tmp_path):
+def test_failed_stage_is_recorded_and_retried(tiny_pipeline, tmp_path):
     def text(judge):
-        return RECIPE.format(model=tiny_pipeline) + f"  - evaluate: {{prompts: 8, steps: [1], judge: {judge}}}\n"
+        return RECIPE.format(model=tiny_pipeline) + f"  - evaluate: {{per_family: 2, steps: [1], judge: {judge}}}\n"
 
     with pytest.raises(UserError, match="no judge here"):
         _run(text(tmp_path / "no-judge"), tmp_path)
     failed = read_manifest(tmp_path / "tiny" / "02-evaluate")
     assert failed["status"] == "failed" and "no judge here" in failed["error"]
     assert (tmp_path / "tiny" / "02-evaluate" / "log.txt").read_text().startswith("02-evaluate (attempt 1)")
-    _, output = _run(text(quick_judge), tmp_path)
+    _, output = _run(text("default"), tmp_path)
     assert "01-generate: done before" in output
     retried = read_manifest(tmp_path / "tiny" / "02-evaluate")
     assert retried["status"] == "done" and retried["attempt"] == 2
-    assert 0 <= retried["metrics"]["validation/steps=1/guidance=7.5"]["retrieval_accuracy"] <= 1
+    assert 0 <= retried["metrics"]["in_distribution/steps=1/guidance=7.5"]["overall"] <= 1
 
 
 def test_the_recipe_seed_reaches_every_stage_that_draws_random_numbers(three_stage_pipeline, tmp_path):

@@ -18,7 +18,7 @@ stages:
   - generate:
       prompts: [red apple]
       steps: 4
-  - evaluate: {prompts: 64, steps: [1, 4]}
+  - evaluate: {per_family: 8, steps: [1, 4]}
 """
 
 

@@ -138,8 +138,9 @@ def census_model(ref, resolution: int | None = None, unet_only: bool = False) ->
             return censuses
         for name in ("text_encoder", "text_encoder_2"):
             if (ref.path / name / "config.json").exists():
-                ids = torch.zeros(1, 77, dtype=torch.long)
-                censuses.append(count(text_encoder_from_config(ref.path / name), lambda m: m(ids), name, (1, 77)))
+                tokens = modelio._read_json(ref.path / name / "config.json").get("max_position_embeddings", 77)
+                ids = torch.zeros(1, tokens, dtype=torch.long)
+                censuses.append(count(text_encoder_from_config(ref.path / name), lambda m: m(ids), name, (1, tokens)))
         if (ref.path / "vae" / "config.json").exists():
             vae = AutoencoderKL.from_config(modelio._read_json(ref.path / "vae" / "config.json"))
             z = torch.randn(1, vae.config.latent_channels, latent, latent)

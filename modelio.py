@@ -153,6 +153,7 @@ def save_pipeline_with(source: Path, out: Path, component: str, model) -> None:
     """A pipeline folder at `out`: `model` (safetensors) as `component`, every other component from `source`."""
     copy_pipeline_except(source, out, component)
     model.save_pretrained(out / component, safe_serialization=True)
+    make_stock_pipeline(out)  # a text encoder just saved by transformers 5 needs its stock key names
 
 
 def _random_components(path: Path) -> dict:

@@ -65,7 +65,7 @@ app.add_typer(zoo_app, name="zoo")
 devices_app = typer.Typer(help="Device profiles: list them, calibrate phone profiles on their published anchors.",
                            no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
-distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE, few-step students.",
+distill_app = typer.Typer(help="Distillation: block-level KD of a pruned UNet, a slim VAE or text encoder, few-step students.",
                           cls=stage_group("distill "), no_args_is_help=True)
 app.add_typer(distill_app, name="distill")
 console = Console()
@@ -274,6 +274,19 @@ def vae(model: ModelArg,
     console.print(f"decoder vs teacher's on its latents: {report['decoder_psnr_db']} dB; reconstruction of held-out "
                   f"images: slim {report['student_recon_psnr_db']} dB, teacher {report['teacher_recon_psnr_db']} dB")
     console.print(f"pipeline with the slim VAE: {out}  (report: {out / 'vae_report.json'})")
+
+
+@stage(distill_app, "text-encoder", "..distill.text_encoder:SlimTextEncoderConfig")
+def text_encoder(model: ModelArg,
+                 out: Annotated[Path, typer.Option(help="Folder for the pipeline with the slim text encoder, its log "
+                                                        "and checkpoint.")],
+                 *, config):
+    """Distil a text encoder with fewer layers toward the teacher's last hidden states; the rest is untouched. Resumes."""
+    from ..distill.text_encoder import distill_text_encoder
+
+    report = distill_text_encoder(_open(model), config, out, log=console.print)
+    console.print(tables.slim_text_encoder(report))
+    console.print(f"pipeline with the slim text encoder: {out}  (report: {out / 'text_encoder_report.json'})")
 
 
 @stage(distill_app, "steps", "..distill.step_common:StepDistillConfig")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ class PromptSet:
     @property
     def captions(self) -> list[str]:
         return [s.prompt.caption for s in self.scenes]
+
+    @cached_property
+    def reference_features(self) -> np.ndarray:
+        """The scene judge's features of the reference renders, read once however many settings are scored."""
+        return np.stack([scene_judge.features(scene_judge.read(i)) for i in self.images])
 
 
 def prompt_set(split: str = "in_distribution", per_family: int = 32) -> PromptSet:
@@ -69,10 +75,10 @@ class SceneJudge:
 
     def score(self, images: np.ndarray, prompts: PromptSet) -> dict:
         images = self._at_judge_size(images)
-        result = scene_judge.geneval(images, prompts.scenes)
-        feats = np.stack([scene_judge.features(i) for i in images])
-        reference = np.stack([scene_judge.features(i) for i in prompts.images])
-        return result | {"frechet_distance": frechet_distance(feats, reference)}
+        readings = [scene_judge.read(i) for i in images]
+        feats = np.stack([scene_judge.features(r) for r in readings])
+        return (scene_judge.geneval(readings, prompts.scenes)
+                | {"frechet_distance": frechet_distance(feats, prompts.reference_features)})
 
 
 def _projected(output):

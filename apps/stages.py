@@ -22,6 +22,7 @@ from ..devices.lookup import table_for
 from ..devices.profile import ProfileConfig
 from ..distill.kd import KDConfig
 from ..distill.step_common import StepDistillConfig
+from ..distill.text_encoder import SlimTextEncoderConfig
 from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
 from ..errors import UserError
@@ -98,6 +99,14 @@ def run_slim_vae(config: SlimVAEConfig, ctx: StageContext) -> StageResult:
 
     report = distill_vae(ctx.model, config, ctx.out, log=ctx.console.print)
     keys = [k for k in report if k.endswith(("_psnr_db", "_macs_before", "_macs_after", "_params_after"))]
+    return StageResult({k: report[k] for k in keys}, produced_model=True)
+
+
+def run_slim_text_encoder(config: SlimTextEncoderConfig, ctx: StageContext) -> StageResult:
+    from ..distill.text_encoder import distill_text_encoder
+
+    report = distill_text_encoder(ctx.model, config, ctx.out, log=ctx.console.print)
+    keys = ("relative_error_start", "relative_error", "params_before", "params_after", "macs_before", "macs_after")
     return StageResult({k: report[k] for k in keys}, produced_model=True)
 
 
@@ -231,6 +240,7 @@ STAGES: dict[str, Stage] = {
     "prune": Stage(PruneConfig, run_prune),
     "kd": Stage(KDStageConfig, run_kd),
     "slim_vae": Stage(SlimVAEConfig, run_slim_vae),
+    "slim_text_encoder": Stage(SlimTextEncoderConfig, run_slim_text_encoder),
     "step_distill": Stage(StepDistillConfig, run_step_distill),
     "quantize": Stage(QuantizeConfig, run_quantize),
     "generate": Stage(GenerateConfig, run_generate),

@@ -46,6 +46,18 @@ def slim_vae(report: dict) -> Table:
     return table
 
 
+def slim_text_encoder(report: dict) -> Table:
+    table = _columns(Table(title=f"slim text encoder (layers {report['kept_layers']} of the teacher's)"),
+                     ("", "before", "after", "ratio"), ("",))
+    for what, scale in (("params (M)", 1e6), ("macs (G)", 1e9)):
+        key = what.split()[0]
+        before, after = report[f"{key}_before"], report[f"{key}_after"]
+        table.add_row(what, f"{before / scale:.3f}", f"{after / scale:.3f}", f"{after / before:.3f}")
+    table.add_row("held-out relative error", f"{report['relative_error_start']:.4f} (start)",
+                  f"{report['relative_error']:.4f}", "")
+    return table
+
+
 def step_rounds(method: str, rounds: list[dict]) -> Table:
     table = _columns(Table(title=f"{method}: training"), ("student steps", "wall s", "final loss"), ())
     for done in rounds:

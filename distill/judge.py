@@ -100,8 +100,16 @@ def _classify(features: np.ndarray) -> str:
     return SHAPES[nearest] if distance[nearest] <= SHAPE_TOLERANCE else UNKNOWN
 
 
-def detect(image: np.ndarray) -> list[Detection]:
-    """Objects in a uint8 RGB image, largest first."""
+@dataclass(frozen=True)
+class Reading:
+    """What the judge reads off one image: each pixel's palette label (-1 for background) and the objects."""
+
+    label: np.ndarray
+    found: list[Detection]
+
+
+def read(image: np.ndarray) -> Reading:
+    """Un-mix a uint8 RGB image once and detect its objects, largest first."""
     from scipy import ndimage
 
     label, coverage = unmix(image)
@@ -114,7 +122,12 @@ def detect(image: np.ndarray) -> list[Detection]:
             if len(ys) >= MIN_AREA:
                 found.append(Detection(_classify(_region_features(mask, coverage)), colour, float(xs.mean()),
                                        float(ys.mean()), len(ys)))
-    return sorted(found, key=lambda d: -d.area)
+    return Reading(label, sorted(found, key=lambda d: -d.area))
+
+
+def detect(image: np.ndarray) -> list[Detection]:
+    """Objects in a uint8 RGB image, largest first."""
+    return read(image).found
 
 
 def _holds(relation: str, a: Detection, b: Detection) -> bool:
@@ -138,25 +151,24 @@ def satisfies(prompt: Prompt, found: list[Detection]) -> bool:
     return True
 
 
-def features(image: np.ndarray) -> np.ndarray:
+def features(reading: Reading) -> np.ndarray:
     """The Fréchet-distance vector of one image: colour coverage, counts by shape and colour, object geometry."""
-    label, _ = unmix(image)
-    found = detect(image)
+    label, found = reading.label, reading.found
     coverage = [(label == i).mean() for i in range(len(_NAMES))]
     by_shape = [sum(d.shape == s for d in found) for s in SHAPES]
     by_colour = [sum(d.colour == c for d in found) for c in _NAMES]
-    side = image.shape[0]
+    side = label.shape[0]
     geometry = ([np.mean([d.area for d in found]) / side**2, np.mean([d.x for d in found]) / side,
                  np.mean([d.y for d in found]) / side] if found else [0.0, 0.5, 0.5])
     return np.array(coverage + by_shape + by_colour + [len(found)] + geometry, dtype=np.float64)
 
 
-def geneval(images: np.ndarray, scenes: list[Scene]) -> dict:
-    """GenEval-style scores of `images` (uint8, one per scene's prompt): per family and overall (their mean)."""
-    if len(images) != len(scenes):
+def geneval(readings: list[Reading], scenes: list[Scene]) -> dict:
+    """GenEval-style scores of the images read (one per scene's prompt): per family and overall (their mean)."""
+    if len(readings) != len(scenes):
         raise ValueError("one image per prompt")
     passed: dict[str, list[bool]] = {}
-    for image, scene in zip(images, scenes):
-        passed.setdefault(scene.prompt.family, []).append(satisfies(scene.prompt, detect(image)))
+    for reading, scene in zip(readings, scenes):
+        passed.setdefault(scene.prompt.family, []).append(satisfies(scene.prompt, reading.found))
     families = {f: float(np.mean(passed[f])) for f in FAMILIES if f in passed}
     return {"overall": float(np.mean(list(families.values()))), "families": families}

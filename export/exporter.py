@@ -22,10 +22,13 @@ from .. import modelio
 from ..compress.calibration import record_unet_inputs
 from ..compress.backends import BACKENDS, SPEC_FILE
 from ..compress.saved import read_quantization
+from ..distill.latents import read_captions
+from ..errors import UserError
 from ..progress import progress_bar
 from . import parity
 from .formats import FORMATS
 from .lcm import LCM
+from .prompt_table import write_prompt_table
 from .runtime import ExportedPipeline
 from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
 
@@ -59,6 +62,9 @@ class ExportConfig(BaseModel):
                                 "split_einsum_v2 its queries in chunks.")
     unet_batch_one: bool = Field(False, description="Core ML: a batch-one UNet, called twice per guided step "
                                                     "(Apple's --unet-batch-one); a guidance-distilled student's always is.")
+    prompt_embeddings: str | None = Field(None, description="A prompts file (one per line): their text-encoder states "
+                                                            "go beside each export, for apps with a fixed prompt set "
+                                                            "that ship no text encoder.")
 
     @model_validator(mode="after")
     def core_ml_options_need_its_unet(self):
@@ -214,15 +220,21 @@ def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
     report = {"format": fmt, "precision": precision_for(fmt, ref, config), "model": str(ref.path),
               "components": entries}
     export_format.write_layout(ref, out, names, config)
-    if ref.kind == "pipeline" and export_format.runs_pipeline and {"text_encoder", "unet", "vae_decoder"} <= set(names):
+    prompts = config.prompts
+    if config.prompt_embeddings:
+        listed = read_captions(Path(config.prompt_embeddings))
+        report["prompt_embeddings"] = write_prompt_table(pipe, listed, out)
+        prompts = prompts if "text_encoder" in names else listed[:2]
+    texts = "text_encoder" in names or config.prompt_embeddings
+    if ref.kind == "pipeline" and export_format.runs_pipeline and texts and {"unet", "vae_decoder"} <= set(names):
         exported_pipe = ExportedPipeline(out, fmt)
-        latents = exported_pipe.initial_latents(len(config.prompts), seed)
+        latents = exported_pipe.initial_latents(len(prompts), seed)
         # LCM adds fresh noise between steps, drawn by numpy here and by torch there: compare the one noise-free step
         steps = 1 if isinstance(exported_pipe.scheduler, LCM) else config.steps
-        ours = exported_pipe(config.prompts, steps, config.guidance, latents=latents)
-        theirs = torch_images(pipe, config.prompts, steps, config.guidance, latents)
+        ours = exported_pipe(prompts, steps, config.guidance, latents=latents)
+        theirs = torch_images(pipe, prompts, steps, config.guidance, latents)
         report["image_psnr"] = parity.psnr(ours, theirs)
-        report["image_check"] = {"prompts": config.prompts, "steps": steps, "guidance": config.guidance, "seed": seed}
+        report["image_check"] = {"prompts": prompts, "steps": steps, "guidance": config.guidance, "seed": seed}
         log(f"{fmt} end-to-end: image PSNR {report['image_psnr']:.2f} dB vs PyTorch")
     parity.write_report(report, out, config.thresholds)
     return report
@@ -233,6 +245,10 @@ def export_model(ref: modelio.ModelRef, config: ExportConfig, out: Path, seed: i
     out = Path(out)
     for fmt in config.to:
         precision_for(fmt, ref, config)  # a precision a format refuses fails before any work
+    if config.prompt_embeddings and ref.kind != "pipeline":
+        raise UserError(f"{ref.path}: prompt embeddings need a pipeline folder (its text encoder makes them)")
+    if config.prompt_embeddings:
+        read_captions(Path(config.prompt_embeddings))  # a missing file fails before any work
     pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
     names = pipeline_component_names(pipe, config.components) if ref.kind == "pipeline" else ["unet"]
     entries = export_components([(fmt, name) for fmt in config.to for name in names], ref, pipe, config, out, log)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from . import prompt_table
 from .clip_bpe import ClipBPE
 from .ddim import DDIM
 from .lcm import LCM
@@ -104,7 +105,9 @@ class ExportedPipeline:
         if etdump and backend != "executorch":
             raise UserError(ETDUMP_NEEDS_EXECUTORCH)
         file = BACKEND_FILES[backend]
-        missing = [p for p in ("text_encoder", "unet", "vae_decoder") if not (folder / p / file).exists()]
+        table = folder / prompt_table.FILE
+        needed = ("unet", "vae_decoder") if table.exists() else ("text_encoder", "unet", "vae_decoder")
+        missing = [p for p in needed if not (folder / p / file).exists()]
         if missing:
             raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
         self.scheduler = scheduler_from_folder(folder / "scheduler")
@@ -114,6 +117,7 @@ class ExportedPipeline:
         self.encoders = [(ClipBPE(folder / tokenizer), self.models[name], _read(folder / name / "config.json"))
                          for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
                          if name in self.models]
+        self.table = prompt_table.PromptTable(table) if not self.encoders else None  # a fixed prompt set's states
         unet_config, vae_config = _read(folder / "unet" / "config.json"), _read(folder / "vae_decoder" / "config.json")
         self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
         self.scaling = float(vae_config.get("scaling_factor", 0.18215))
@@ -144,6 +148,8 @@ class ExportedPipeline:
 
     def conditions(self, prompt: str) -> dict[str, np.ndarray]:
         """The UNet's text conditions for one prompt, batch one: `encoder_hidden_states` (and SDXL's two)."""
+        if self.table is not None:
+            return self.table.conditions(prompt)
         outputs = [encoder({"input_ids": np.array([tokenizer.encode(prompt)], dtype=np.int64)})
                    for tokenizer, encoder, _ in self.encoders]
         if not self.sdxl:

@@ -508,3 +508,34 @@ def test_executorch_backends_refuse_clearly(backend, message):
 
     with pytest.raises(UserError, match=message):
         partitioner(backend)
+
+
+def test_a_fixed_prompt_set_ships_its_text_states_instead_of_the_text_encoder(tiny_pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from pocketdiff.export.prompt_table import FILE, PromptTable
+    from pocketdiff.export.runtime import ExportedPipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red apple\n\nblue square\nred apple\n")
+    config = ExportConfig(to=["onnx"], components=["unet", "vae_decoder"], prompt_embeddings=str(prompts), steps=2)
+    report = export_model(modelio.open_model(tiny_pipeline), config, tmp_path / "out", log=lambda _: None)["onnx"]
+    folder = tmp_path / "out" / "onnx"
+    assert not (folder / "text_encoder").exists() and (folder / FILE).exists()
+    assert report["prompt_embeddings"]["prompts"] == 2  # blank lines and repeats dropped
+    assert report["image_check"]["prompts"] == ["red apple", "blue square"] and report["image_psnr"] >= 40
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline)
+    ids = pipe.tokenizer(["blue square"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = pipe.text_encoder(ids).last_hidden_state.numpy()
+    table = PromptTable(folder / FILE)
+    assert table.prompts == ["", "red apple", "blue square"]
+    np.testing.assert_allclose(table.conditions("blue square")["encoder_hidden_states"], expected, atol=1e-6)
+    images = ExportedPipeline(folder, "onnx")(["blue square"], steps=2, guidance=7.5)
+    assert images.shape == (1, 32, 32, 3)
+    with pytest.raises(UserError, match="'green circle' is not in this export's prompt set"):
+        ExportedPipeline(folder, "onnx")(["green circle"], steps=2, guidance=7.5)
+    with pytest.raises(UserError, match="no such captions file"):
+        export_model(modelio.open_model(tiny_pipeline), ExportConfig(to=["onnx"], prompt_embeddings=str(tmp_path / "none")),
+                     tmp_path / "x", log=lambda _: None)

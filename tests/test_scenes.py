@@ -41,7 +41,7 @@ def test_evaluation_prompts_cover_every_family_equally():
 @pytest.mark.parametrize("split", ["in_distribution", "held_out"])
 def test_judge_passes_renders_of_every_family(split):
     chosen = scenes.evaluation_scenes(split, 64)
-    result = judge.geneval(scenes.render_set(chosen).images, chosen)
+    result = judge.geneval([judge.read(i) for i in scenes.render_set(chosen).images], chosen)
     assert result["overall"] >= 0.98 and min(result["families"].values()) >= 0.95, result
 
 

@@ -12,7 +12,8 @@ from pocketdiff.apps.cli import app
 from pocketdiff.apps.recipe import parse_recipe
 from pocketdiff.apps.stages import STAGES
 
-COMMANDS = {"slim_vae": ("distill", "vae"), "step_distill": ("distill", "steps"), "kd": ("distill", "kd")}
+COMMANDS = {"slim_vae": ("distill", "vae"), "slim_text_encoder": ("distill", "text-encoder"),
+            "step_distill": ("distill", "steps"), "kd": ("distill", "kd")}
 RECIPE_ONLY = {("profile", "export_stage")}  # which earlier stage of the recipe it profiles: no stages on the CLI
 NEEDED = {"prune": {"preset": "bk-small"}, "generate": {"prompts": ["red apple"]}}
 

@@ -228,14 +228,16 @@ def _trade_section(records: list[StageRecord]) -> Section:
             match = SETTING.match(key)
             if match and "image_ms" in scores:
                 rows.append([record.model, match["split"], int(match["steps"]), float(match["guidance"]),
-                             headline(scores), scores["image_ms"]])
+                             headline(scores), scores["image_ms"],
+                             *(scores.get(part, "") for part in ("text_encoder_ms", "unet_ms", "vae_decoder_ms"))])
     if not rows:
         return Section("Quality against image latency")
     teacher = max((r for r in rows if r[0] == rows[0][0]), key=lambda r: r[5])
     final = min((r for r in rows if r[0] == rows[-1][0]), key=lambda r: r[5])
-    items = [Table(["model", "prompts", "steps", "guidance", "score", "image ms"], rows,
-                   "Whole images (text encoder, every UNet call, VAE decoder) in PyTorch at batch one on this "
-                   "machine, median of 3.")]
+    items = [Table(["model", "prompts", "steps", "guidance", "score", "image ms", "text encoder ms", "UNet ms",
+                    "VAE decoder ms"], rows,
+                   "Whole images in PyTorch at batch one on this machine, median of 3, and the time spent in each "
+                   "component (the UNet's over every call).")]
     if final is not teacher:
         share = f"{final[4] / teacher[4]:.0%}" if teacher[4] else "n/a"
         items.append(f"{teacher[0]} at {teacher[2]} steps ({teacher[5]:.1f} ms, score {teacher[4]:.3f}) against "

@@ -93,5 +93,9 @@ def test_evaluate_writes_scores(tiny_pipeline, tmp_path):
     assert scores["in_distribution/real"]["overall"] == 1.0  # the judge passes every reference render
     assert set(scores["in_distribution/steps=1/guidance=1"]["families"]) == {
         "single_object", "two_objects", "counting", "colors", "position", "color_attr"}
+    one, two = scores["in_distribution/steps=1/guidance=1"], scores["in_distribution/steps=2/guidance=1"]
+    for latency in (one, two):  # each component's share of the image, the UNet's over every call
+        parts = [latency[k] for k in ("text_encoder_ms", "unet_ms", "vae_decoder_ms")]
+        assert min(parts) > 0 and sum(parts) <= latency["image_ms"], latency
     bad = subprocess.run(["pocketdiff", "evaluate", str(tiny_pipeline), "--steps", "one"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: evaluate:")

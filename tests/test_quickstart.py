@@ -34,6 +34,7 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path, compat_python):
     assert manifests["02-evaluate"]["metrics"]["in_distribution/real"]["overall"] >= 0.98  # the judge reads renders
     teacher = scores("02-evaluate", 25)
     assert teacher["overall"] >= 0.12 and teacher["image_ms"] > 0  # the default follows prompts, if far from all
+    assert teacher["unet_ms"] > teacher["text_encoder_ms"] + teacher["vae_decoder_ms"]  # 50 UNet calls at 25 guided steps
     pruned, distilled = scores("04-evaluate", 25), scores("06-evaluate", 25)
     assert pruned["frechet_distance"] > 3 * teacher["frechet_distance"]  # pruning without KD costs quality
     assert manifests["03-prune"]["metrics"]["params_after"] < 0.7 * manifests["03-prune"]["metrics"]["params_before"]

@@ -132,7 +132,8 @@ class CaptionReader(torch.nn.Module):
 
 
 class TextToImage(torch.nn.Module):
-    """The UNet and its text encoder, optimised together (the text encoder is trained from scratch)."""
+    """The UNet and its text encoder, optimised together (the text encoder is trained from scratch), with the
+    caption reader beside them; only the first two are saved."""
 
     def __init__(self, unet, text_encoder):
         super().__init__()

@@ -159,9 +159,9 @@ def image_latency(pipe, prompt: str, steps: int, guidance: float, seed: int, run
             spent[key] = spent.get(key, 0.0) + time.perf_counter() - spent[key + "/began"]
 
         handles += [module.register_forward_pre_hook(started), module.register_forward_hook(finished)]
-    generate_images(pipe, [prompt], steps, guidance, seed)  # warm-up: first calls allocate
     rows = []
     try:
+        generate_images(pipe, [prompt], steps, guidance, seed)  # warm-up: first calls allocate
         for _ in range(runs):
             spent.clear()
             began = time.perf_counter()

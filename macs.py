@@ -138,9 +138,10 @@ def census_model(ref, resolution: int | None = None, unet_only: bool = False) ->
             return censuses
         for name in ("text_encoder", "text_encoder_2"):
             if (ref.path / name / "config.json").exists():
-                tokens = modelio._read_json(ref.path / name / "config.json").get("max_position_embeddings", 77)
+                encoder = text_encoder_from_config(ref.path / name)
+                tokens = encoder.config.max_position_embeddings  # the positions it takes: 77 for CLIP's own
                 ids = torch.zeros(1, tokens, dtype=torch.long)
-                censuses.append(count(text_encoder_from_config(ref.path / name), lambda m: m(ids), name, (1, tokens)))
+                censuses.append(count(encoder, lambda m: m(ids), name, (1, tokens)))
         if (ref.path / "vae" / "config.json").exists():
             vae = AutoencoderKL.from_config(modelio._read_json(ref.path / "vae" / "config.json"))
             z = torch.randn(1, vae.config.latent_channels, latent, latent)

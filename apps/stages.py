@@ -143,8 +143,10 @@ def image_latency(pipe, prompt: str, steps: int, guidance: float, seed: int, run
     import statistics
     import time
 
+    from ..devices.timing import call_times
     from .generate import generate_images
 
+    began: dict[str, float] = {}
     spent: dict[str, float] = {}
     handles = []
     for key, path in LATENCY_PARTS.items():
@@ -153,24 +155,26 @@ def image_latency(pipe, prompt: str, steps: int, guidance: float, seed: int, run
             module = getattr(module, name)
 
         def started(*_, key=key):
-            spent[key + "/began"] = time.perf_counter()
+            began[key] = time.perf_counter()
 
         def finished(*_, key=key):
-            spent[key] = spent.get(key, 0.0) + time.perf_counter() - spent[key + "/began"]
+            spent[key] = spent.get(key, 0.0) + (time.perf_counter() - began[key]) * 1e3
 
         handles += [module.register_forward_pre_hook(started), module.register_forward_hook(finished)]
-    rows = []
+    parts: list[dict[str, float]] = []
+
+    def one_image():
+        spent.clear()
+        generate_images(pipe, [prompt], steps, guidance, seed)
+        parts.append({key: spent.get(key, 0.0) for key in LATENCY_PARTS})
+
     try:
-        generate_images(pipe, [prompt], steps, guidance, seed)  # warm-up: first calls allocate
-        for _ in range(runs):
-            spent.clear()
-            began = time.perf_counter()
-            generate_images(pipe, [prompt], steps, guidance, seed)
-            rows.append({"image_ms": time.perf_counter() - began, **{k: spent.get(k, 0.0) for k in LATENCY_PARTS}})
+        image_ms = call_times(one_image, runs)  # after one untimed image: first calls allocate
     finally:
         for handle in handles:
             handle.remove()
-    return {key: round(1e3 * statistics.median(row[key] for row in rows), 2) for key in rows[0]}
+    rows = [{"image_ms": ms, **shares} for ms, shares in zip(image_ms, parts[1:])]
+    return {key: round(statistics.median(row[key] for row in rows), 2) for key in rows[0]}
 
 
 def evaluate_model(pipe, judge, config: EvaluateConfig, seed: int, log=print) -> dict:

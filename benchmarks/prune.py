@@ -23,6 +23,7 @@ from pocketdiff import modelio
 from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
 from pocketdiff.compress import oneshot
+from pocketdiff.devices.timing import call_times
 from pocketdiff.distill.blocks import build_student, teacher_plan
 from pocketdiff.compress.prune import CALIBRATION_PROMPTS, calibration_batches
 from pocketdiff.distill.scenes import FAMILIES
@@ -35,14 +36,7 @@ def latency_ms(unet, repeats: int = 50) -> float:
     """The fastest of `repeats` forwards: on a shared 2-core host the minimum is the repeatable figure."""
     inputs = modelio.unet_example_inputs(dict(unet.config), unet.config.sample_size, batch=2,
                                          generator=torch.Generator().manual_seed(0))
-    for _ in range(5):
-        unet(**inputs)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        unet(**inputs)
-        times.append(time.perf_counter() - began)
-    return 1000 * min(times)
+    return min(call_times(lambda: unet(**inputs), repeats, warmup=5))
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from pocketdiff import modelio
 from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
+from pocketdiff.devices.timing import call_times
 from pocketdiff.distill.scenes import FAMILIES
 from pocketdiff.distill.text_encoder import SlimTextEncoderConfig, distill_text_encoder
 from pocketdiff.macs import count
@@ -32,15 +32,9 @@ from pocketdiff.macs import count
 
 @torch.no_grad()
 def encoder_ms(encoder, tokens: int, repeats: int = 50) -> float:
+    """The fastest of `repeats` calls on one prompt: on a shared 2-core host the minimum is the repeatable figure."""
     ids = torch.zeros(1, tokens, dtype=torch.long)
-    for _ in range(5):
-        encoder(ids)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        encoder(ids)
-        times.append(time.perf_counter() - began)
-    return 1000 * min(times)
+    return min(call_times(lambda: encoder(ids), repeats, warmup=5))
 
 
 def sd15_text_encoder_macs(layers: int) -> int:

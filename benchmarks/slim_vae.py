@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch
 from pocketdiff import modelio
 from pocketdiff.apps.evaluate import headline, load_judge
 from pocketdiff.apps.stages import EvaluateConfig, evaluate_model
+from pocketdiff.devices.timing import call_times
 from pocketdiff.macs import count
 from pocketdiff.distill.scenes import FAMILIES
 from pocketdiff.distill.vae import SlimVAEConfig, distill_vae, slim_config
@@ -37,14 +37,7 @@ SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "
 @torch.no_grad()
 def decoder_ms(vae, latent: int, repeats: int = 50) -> float:
     z = torch.randn(1, vae.config.latent_channels, latent, latent, generator=torch.Generator().manual_seed(0))
-    for _ in range(5):
-        vae.decode(z)
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        vae.decode(z)
-        times.append(time.perf_counter() - began)
-    return 1000 * min(times)
+    return min(call_times(lambda: vae.decode(z), repeats, warmup=5))
 
 
 def decoder_macs(config: dict, latent: int) -> int:

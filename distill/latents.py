@@ -64,14 +64,12 @@ def encode_images(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Te
     return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
 
-def image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
-    """Images and captions of a folder in the Hugging Face ImageFolder layout (metadata.jsonl: file_name, text)."""
-    from PIL import Image, ImageOps
-
+def folder_rows(folder: Path) -> list[tuple[Path, str]]:
+    """(image path, caption) of each line of a Hugging Face ImageFolder's metadata.jsonl (file_name, text)."""
     metadata = Path(folder) / "metadata.jsonl"
     if not metadata.exists():
         raise UserError(f"{folder}: no metadata.jsonl (one JSON line per image: {{\"file_name\": ..., \"text\": ...}})")
-    images, captions = [], []
+    rows = []
     for number, line in enumerate(metadata.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -82,12 +80,22 @@ def image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]
             raise UserError(f"{metadata}:{number}: expected {{\"file_name\": ..., \"text\": ...}}") from None
         if not path.exists():
             raise UserError(f"{metadata}:{number}: {path.name} is not in {folder}")
+        rows.append((path, caption))
+    if not rows:
+        raise UserError(f"{metadata} lists no images")
+    return rows
+
+
+def image_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Images and captions of a folder in the Hugging Face ImageFolder layout (metadata.jsonl: file_name, text)."""
+    from PIL import Image, ImageOps
+
+    images, captions = [], []
+    for path, caption in folder_rows(folder):
         with Image.open(path) as image:
             fitted = ImageOps.fit(image.convert("RGB"), (resolution, resolution), Image.Resampling.BICUBIC)
         images.append(np.asarray(fitted))
         captions.append(caption)
-    if not images:
-        raise UserError(f"{metadata} lists no images")
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     return tensor, captions
 

@@ -27,7 +27,7 @@ from ..folderhash import hash_model_folder
 from ..macs import census_model
 from . import data, scenes
 from .conditions import token_ids
-from .latents import SCENE_POOL, image_folder, read_captions
+from .latents import SCENE_POOL, folder_rows, read_captions
 from .trainer import RunSettings, Trainer, epoch_batches
 
 
@@ -73,7 +73,7 @@ def caption_set(source: str) -> tuple[list[str], list[str]]:
         return data.load_emoji(32, "train").captions, data.load_emoji(32, "validation").captions
     path = Path(source)
     if path.is_dir():
-        captions = image_folder(path, 8)[1]
+        captions = [caption for _, caption in folder_rows(path)]
     elif path.is_file():
         captions = read_captions(path)
     else:

@@ -213,7 +213,7 @@ def export_components(jobs: list[tuple[str, str]], ref: modelio.ModelRef, pipe, 
 
 
 def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path, entries: dict,
-                  seed: int = 0, log=print) -> dict:
+                  seed: int = 0, log=print, fixed_prompts: list[str] | None = None) -> dict:
     """The format's app layout around its exported components, the end-to-end image check, its parity report."""
     export_format = FORMATS[fmt]
     names = list(entries)
@@ -221,11 +221,10 @@ def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
               "components": entries}
     export_format.write_layout(ref, out, names, config)
     prompts = config.prompts
-    if config.prompt_embeddings:
-        listed = read_captions(Path(config.prompt_embeddings))
-        report["prompt_embeddings"] = write_prompt_table(pipe, listed, out)
-        prompts = prompts if "text_encoder" in names else listed[:2]
-    texts = "text_encoder" in names or config.prompt_embeddings
+    if fixed_prompts:
+        report["prompt_embeddings"] = write_prompt_table(pipe, fixed_prompts, out)
+        prompts = prompts if "text_encoder" in names else fixed_prompts[:2]
+    texts = "text_encoder" in names or fixed_prompts
     if ref.kind == "pipeline" and export_format.runs_pipeline and texts and {"unet", "vae_decoder"} <= set(names):
         exported_pipe = ExportedPipeline(out, fmt)
         latents = exported_pipe.initial_latents(len(prompts), seed)
@@ -245,14 +244,15 @@ def export_model(ref: modelio.ModelRef, config: ExportConfig, out: Path, seed: i
     out = Path(out)
     for fmt in config.to:
         precision_for(fmt, ref, config)  # a precision a format refuses fails before any work
-    if config.prompt_embeddings and ref.kind != "pipeline":
-        raise UserError(f"{ref.path}: prompt embeddings need a pipeline folder (its text encoder makes them)")
-    if config.prompt_embeddings:
-        read_captions(Path(config.prompt_embeddings))  # a missing file fails before any work
+    fixed_prompts = None
+    if config.prompt_embeddings:  # a missing file or a UNet folder fails before any work
+        if ref.kind != "pipeline":
+            raise UserError(f"{ref.path}: prompt embeddings need a pipeline folder (its text encoder makes them)")
+        fixed_prompts = read_captions(Path(config.prompt_embeddings))
     pipe = modelio.load_pipeline(ref) if ref.kind == "pipeline" else None
     names = pipeline_component_names(pipe, config.components) if ref.kind == "pipeline" else ["unet"]
     entries = export_components([(fmt, name) for fmt in config.to for name in names], ref, pipe, config, out, log)
     reports = {fmt: finish_format(fmt, ref, pipe, config, out / fmt, {name: entries[fmt, name] for name in names},
-                                  seed, log) for fmt in config.to}
+                                  seed, log, fixed_prompts) for fmt in config.to}
     (out / "export_report.json").write_text(json.dumps(reports, indent=2, default=float))
     return reports

@@ -165,6 +165,27 @@ def prepare(module: torch.nn.Module, args: tuple, layers: str, keep: list[str], 
     return prepared
 
 
+def dynamic_int8_linears(module: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
+    """`module`'s linears as XNNPACK's dynamic int8: per-channel int8 weights, activations quantized per call.
+
+    For text encoders: their activations have outlier channels that one calibrated per-tensor range
+    clips, and per-call ranges need no calibration set, so any prompt is handled as well as the
+    traced one. One forward fills the weight observers.
+    """
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    chosen = XNNPACKQuantizer().set_operator_type(
+        torch.ops.aten.linear.default, get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+    prepared = prepare_pt2e(torch.export.export(module, args).module(), chosen)
+    with torch.no_grad():
+        prepared(*args)
+    return convert(prepared)
+
+
 def _keep_traced_mode(graph, mode: bool = True):
     """`.train()` / `.eval()` on the graph change nothing: it keeps the eval mode it was traced in.
 

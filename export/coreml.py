@@ -22,7 +22,8 @@ model's own scaling factor against that, so any VAE works unchanged. An SDXL pip
 A UNet quantized by `pocketdiff quantize` ships as trained: coreml-w8a8 as its int8 graph
 (int8 weights in `constexpr_affine_dequantize`, int8 activations as quantize/dequantize pairs,
 iOS 17), coreml-palette4/6 as look-up tables (`constexpr_lut_to_dense`) rebuilt losslessly from
-each layer's distinct weight values.
+each layer's distinct weight values. `--text-encoder-int8` stores the text encoder's weights as
+int8 per channel (`constexpr_affine_dequantize`, iOS 16), computed in fp16.
 
 Core ML runs only on macOS: elsewhere each package is checked structurally (its spec's I/O, op
 census, weight dtype, size); on macOS also numerically against PyTorch.
@@ -148,6 +149,16 @@ def _pack_palette(model, quantization: tuple[dict, dict] | None):
     return ct.optimize.coreml.palettize_weights(model, ct.optimize.coreml.OptimizationConfig(global_config=table))
 
 
+def _int8_weights(model):
+    """The linears' weights and the token embedding as int8 per channel with fp16 scales
+    (`constexpr_affine_dequantize`, iOS 16); norms, position embeddings and the attention mask stay fp16."""
+    ct = _quiet_coremltools()
+    config = ct.optimize.coreml.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
+                                                        granularity="per_channel", weight_threshold=0)
+    chosen = ct.optimize.coreml.OptimizationConfig(op_type_configs={"linear": config, "gather": config})
+    return ct.optimize.coreml.linear_quantize_weights(model, chosen)
+
+
 class VAEDecoder(torch.nn.Module):
     def __init__(self, vae, swift_scale: float):
         super().__init__()
@@ -252,7 +263,7 @@ def _parts(component: Component, precision: str, quantization, chunked: bool,
             raise UserError("Core ML UNet chunking takes a float or palettized UNet; the int8 graph is one program")
         return [(CHUNKS[i], module, inputs, outputs)
                 for i, (module, inputs, outputs) in enumerate(unet_chunks.chunks(component.module.unet, component.inputs))]
-    module = _int8_unet(component, quantization) if precision == "int8" else component.module
+    module = _int8_unet(component, quantization) if precision == "int8" and component.name == "unet" else component.module
     return [(SWIFT_NAMES[component.name], module, component.inputs, component.outputs)]
 
 
@@ -273,7 +284,10 @@ def export_component(component: Component, folder: Path, precision: str, config,
     paths = []
     for name, module, inputs, outputs in _parts(component, precision, quantization, chunked, attention):
         try:
-            model = _convert(module, inputs, outputs, precision, quantization)
+            if precision == "int8" and not unet:  # a text encoder: int8 weights over fp16 compute
+                model = _int8_weights(_convert(module, inputs, outputs, "fp16", None))
+            else:
+                model = _convert(module, inputs, outputs, precision, quantization)
         except Exception as err:  # coremltools names the op it cannot convert; keep that line
             raise UserError(f"Core ML export of {name} failed: {(str(err).splitlines() or [repr(err)])[0]}") from None
         model.short_description = f"pocketdiff {name} ({precision}), apple/ml-stable-diffusion layout"

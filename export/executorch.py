@@ -111,7 +111,12 @@ def export_component(component: Component, folder: Path, precision: str, config,
     FORMAT.check_precision(precision)
     folder.mkdir(parents=True, exist_ok=True)
     args, backends = tuple(component.inputs.values()), tuple(config.executorch_backends)
-    module = quantize_int8(component, calibration, quantization) if precision == "int8" else component.module
+    if precision != "int8":
+        module = component.module
+    elif component.name.startswith("text_encoder"):
+        module = pt2e_int8.dynamic_int8_linears(component.module, args)
+    else:
+        module = quantize_int8(component, calibration, quantization)
     try:
         buffer = lower(module, args, backends)
     except UserError:

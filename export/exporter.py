@@ -65,6 +65,8 @@ class ExportConfig(BaseModel):
     prompt_embeddings: str | None = Field(None, description="A prompts file (one per line): their text-encoder states "
                                                             "go beside each export, for apps with a fixed prompt set "
                                                             "that ship no text encoder.")
+    text_encoder_int8: bool = Field(False, description="The text encoder(s) with int8 linears: dynamic int8 in "
+                                                       "ExecuTorch (XNNPACK) and onnxruntime, int8 weights in Core ML.")
 
     @model_validator(mode="after")
     def core_ml_options_need_its_unet(self):
@@ -112,6 +114,19 @@ def _quantization_note(fmt: str, export_format, precision: str, quantization: tu
     return f"not applied: {fmt} {precision} of the float (QAT-trained) weights"
 
 
+TEXT_ENCODER_INT8 = {"onnx": "onnxruntime dynamic int8: MatMul weights int8 per channel, activations per call",
+                     "executorch": "XNNPACK dynamic int8 linears: weights per channel, activations per call",
+                     "coreml": "int8 weights per channel (constexpr_affine_dequantize), fp16 compute"}
+
+
+def component_precision(name: str, precision: str, config: ExportConfig) -> str:
+    """int8 is the UNet's, where the time goes at many steps; at one step the text encoder costs as much, so
+    `text_encoder_int8` makes it int8 too, in every format. The VAE stays float (the usual deployment)."""
+    if name.startswith("text_encoder") and config.text_encoder_int8:
+        return "int8"
+    return "fp32" if precision == "int8" and name != "unet" else precision
+
+
 def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
     """The asked precision, else the format's default; a model quantized for the format's runtime ships int8 unasked."""
     export_format = FORMATS[fmt]
@@ -129,23 +144,23 @@ def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
 def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path) -> dict:
     """Export one component to one format in `out/<name>/`, run the file, compare with PyTorch: its report entry."""
     export_format = FORMATS[fmt]
-    precision = precision_for(fmt, ref, config)
-    # int8 is for the UNet, where the time goes; text encoder and VAE stay fp32 (the usual deployment)
-    own_precision = "fp32" if precision == "int8" and name != "unet" else precision
-    # a dynamic-shape trace needs a latent big enough not to specialise; an int8 graph is fixed at the model's own
-    dynamic = export_format.dynamic_shapes and own_precision != "int8"
+    own_precision = component_precision(name, precision_for(fmt, ref, config), config)
+    # a dynamic-shape trace needs a latent big enough not to specialise; an int8 UNet graph is fixed at the
+    # model's own (a text encoder's dynamic int8 keeps its dynamic batch)
+    dynamic = export_format.dynamic_shapes and (own_precision != "int8" or name != "unet")
     size = trace_latent_size(modelio.unet_config(ref)) if dynamic else None
     (component,) = model_components(ref, pipe, (name,), size)
     component = export_format.adapt(component, pipe, ref, config)
     began = time.perf_counter()
     quantization = read_quantization(ref) if name == "unet" else None
     extra = {"quantization": quantization}
-    if own_precision == "int8" and pipe is not None and quantization is None:
+    if own_precision == "int8" and name == "unet" and pipe is not None and quantization is None:
         extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
     path = export_format.export_component(component, out / name, own_precision, config, **extra)
     entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": export_format.file_bytes(path),
              "export_seconds": round(time.perf_counter() - began, 2)}
-    note = _quantization_note(fmt, export_format, own_precision, quantization)
+    note = (_quantization_note(fmt, export_format, own_precision, quantization) if name == "unet"
+            else TEXT_ENCODER_INT8[fmt] if own_precision == "int8" else None)
     if note:
         entry["quantization"] = note
     runner = export_format.load(path)

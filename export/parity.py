@@ -75,7 +75,8 @@ def write_report(report: dict, out: Path, thresholds: ParityThresholds) -> None:
         if why:
             failures.append(f"{report['format']} {name}: {why}")
     if "image_psnr" in report:
-        why = image_failure(report["image_psnr"], precision, thresholds)
+        int8_part = any(entry.get("precision") == "int8" for entry in report["components"].values())
+        why = image_failure(report["image_psnr"], "int8" if int8_part else precision, thresholds)
         report["image_ok"] = why is None
         if why:
             failures.append(f"{report['format']} end-to-end: {why}")

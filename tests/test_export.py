@@ -539,3 +539,38 @@ def test_a_fixed_prompt_set_ships_its_text_states_instead_of_the_text_encoder(ti
     with pytest.raises(UserError, match="no such captions file"):
         export_model(modelio.open_model(tiny_pipeline), ExportConfig(to=["onnx"], prompt_embeddings=str(tmp_path / "none")),
                      tmp_path / "x", log=lambda _: None)
+
+
+def test_an_int8_component_holds_the_image_to_the_int8_limit(tmp_path):
+    from pocketdiff.export.parity import ParityThresholds, write_report
+
+    def image_check(text_encoder_precision):
+        report = {"format": "onnx", "precision": "fp32", "image_psnr": 30.0,
+                  "components": {"text_encoder": {"precision": text_encoder_precision, "max_abs": 0.01, "rel": 0.01},
+                                 "unet": {"precision": "fp32", "max_abs": 1e-6, "rel": 1e-6}}}
+        write_report(report, tmp_path, ParityThresholds())
+        return report
+
+    assert image_check("int8")["ok"]  # 30 dB: above int8's 25, below fp32's 40
+    with pytest.raises(UserError, match="onnx end-to-end: image PSNR 30.00 dB < 40 dB"):
+        image_check("fp32")
+
+
+@pytest.mark.slow
+def test_text_encoder_int8_is_each_formats_own_int8_and_stays_close(tiny_pipeline, tmp_path):
+    import onnx
+
+    from pocketdiff.export.runtime import OnnxModel
+
+    config = ExportConfig(to=["onnx", "executorch", "coreml"], components=["text_encoder"], text_encoder_int8=True)
+    reports = export_model(modelio.open_model(tiny_pipeline), config, tmp_path, log=lambda _: None)
+    for fmt in ("onnx", "executorch"):
+        entry = reports[fmt]["components"]["text_encoder"]
+        assert entry["precision"] == "int8" and 1e-4 < entry["rel"] < 0.1, (fmt, entry)  # quantized, and close
+    path = tmp_path / "onnx" / "text_encoder" / "model.onnx"
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {node.op_type for node in onnx.load(path).graph.node}
+    states = OnnxModel(path)({"input_ids": np.zeros((3, 77), dtype=np.int64)})["last_hidden_state"]
+    assert states.shape == (3, 77, 32)  # the batch axis stays dynamic
+    coreml = reports["coreml"]["components"]["text_encoder"]
+    assert coreml["ops"]["constexpr_affine_dequantize"] == 7  # six linears and the token embedding
+    assert reports["onnx"]["components"]["text_encoder"]["quantization"].startswith("onnxruntime dynamic int8")

@@ -1,0 +1,147 @@
+"""Whole-image latency in one runtime: the teacher at 25 guided steps against few-step students, per component.
+
+    python benchmarks/image_latency.py --students runs/quickstart/09-quantize [--model default]
+                                       [--runtime executorch] [--student-steps 1] [--per-family 16]
+                                       [--runs 20] [--rounds 5] [--sd15-text-encoder] [--work DIR] [--json F]
+
+Each model is exported to the runtime (`pocketdiff export`: a student quantized for it ships its int8
+UNet), each student a second time with `--text-encoder-int8`, and every export runs through the
+torch-free `ExportedPipeline`. Per model, measured in this run on this host, in `--rounds` rounds
+in which the models take turns (the host's speed drifts by up to 2× for minutes): the fastest of
+`--runs` calls of the text encoder, of one UNet call (batch 2 for the guided teacher) times the
+calls an image makes, and of the VAE decoder, and of the whole image end to end, each the least
+over the rounds; the teacher's time over each model's (and its range over the rounds); the GenEval-style score of the exported pipeline's own images
+(in-distribution prompts, seeds 0+i, guidance 7.5); and the export's image PSNR against PyTorch
+(its end-to-end check, whose int8 limit is lowered to 20 dB here so that every row is measured). `--sd15-text-encoder` adds SD-1.5's text
+encoder architecture (random weights, 77 tokens) in fp32 and int8 in onnxruntime and ExecuTorch:
+latency, file size and relative error of its states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pocketdiff import modelio
+from pocketdiff.apps.evaluate import headline, load_judge, prompt_set, score
+from pocketdiff.devices.timing import call_times
+from pocketdiff.export.components import Component, TextEncoder
+from pocketdiff.export.exporter import ExportConfig, export_model
+from pocketdiff.export.formats import FORMATS
+from pocketdiff.export.parity import ParityThresholds
+from pocketdiff.export.runtime import ExportedPipeline, guidance_embedding
+
+
+def exported(model: str, runtime: str, folder: Path, text_encoder_int8: bool) -> tuple[ExportedPipeline, float]:
+    """The model's export to `runtime` in `folder` (kept between runs), loaded as a pipeline, and its image PSNR
+    against PyTorch. The image limit is lowered to 20 dB: here the judge's score is the quality measure."""
+    report = folder / runtime / "parity.json"
+    if not report.exists():
+        config = ExportConfig(to=[runtime], components=["text_encoder", "unet", "vae_decoder"],
+                              text_encoder_int8=text_encoder_int8, thresholds=ParityThresholds(psnr_int8=20.0))
+        export_model(modelio.open_model(model), config, folder, log=lambda _: None)
+    return ExportedPipeline(folder / runtime, runtime), json.loads(report.read_text())["image_psnr"]
+
+
+def image_costs(pipe: ExportedPipeline, steps: int, guidance: float, runs: int) -> dict:
+    """ms of the text encoder, of the UNet calls one image makes, of the decoder, and of the image end to end."""
+    guided = guidance > 1 and not pipe.guidance_dim
+    cond = pipe.conditions("a red circle")
+    if guided:
+        cond = {k: np.concatenate([v, cond[k]]) for k, v in pipe.negative_conditions(cond).items()}
+    latent = pipe.initial_latents(1, 0)
+    unet_inputs = {"sample": np.concatenate([latent] * (2 if guided else 1)), **cond}
+    if pipe.guidance_dim:
+        unet_inputs["timestep_cond"] = guidance_embedding(guidance, pipe.guidance_dim)
+    t = int(pipe.scheduler.timesteps(steps)[0])
+    fastest = lambda fn: min(call_times(fn, runs, warmup=3))  # noqa: E731
+    tokenizer, encoder, _ = pipe.encoders[0]
+    ids = {"input_ids": np.array([tokenizer.encode("a red circle")], dtype=np.int64)}
+    costs = {"text_encoder_ms": fastest(lambda: encoder(ids)),
+             "unet_ms": steps * fastest(lambda: pipe._unet(unet_inputs, t)),
+             "vae_decoder_ms": fastest(lambda: pipe.vae_decoder({"latent_sample": latent / pipe.scaling}))}
+    costs["image_ms"] = fastest(lambda: pipe(["a red circle"], steps, guidance))
+    return costs
+
+
+def sd15_text_encoder(runtime: str, work: Path, runs: int) -> dict:
+    """SD-1.5's text encoder (random weights, 77 tokens) in fp32 and int8: ms, MB, relative error of its states."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, max_position_embeddings=77,
+                                           hidden_act="quick_gelu")).eval()
+    ids = torch.randint(0, 49408, (1, 77))
+    component = Component("text_encoder", TextEncoder(encoder), {"input_ids": ids}, ["last_hidden_state", "pooler_output"])
+    reference = component.run()["last_hidden_state"].detach().numpy()
+    export_format, rows = FORMATS[runtime], {}
+    for precision in ("fp32", "int8"):
+        path = export_format.export_component(component, work / f"sd15-text-encoder-{precision}", precision, ExportConfig())
+        model = export_format.load(path)
+        states = model({"input_ids": ids.numpy()})["last_hidden_state"]
+        rows[precision] = {"ms": min(call_times(lambda: model({"input_ids": ids.numpy()}), runs, warmup=2)),
+                           "mb": export_format.file_bytes(path) / 1e6,
+                           "relative_error": float(np.linalg.norm(states - reference) / np.linalg.norm(reference))}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--students", required=True, help="comma-separated student pipeline folders")
+    parser.add_argument("--runtime", default="executorch", choices=["executorch", "onnx"])
+    parser.add_argument("--student-steps", type=int, default=1)
+    parser.add_argument("--per-family", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sd15-text-encoder", action="store_true")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="image-latency-"))
+    judge, prompts = load_judge("default"), prompt_set("in_distribution", args.per_family)
+    models = [("teacher", args.model, 25, False)]
+    for i, student in enumerate(args.students.split(",")):
+        models += [(f"student {i + 1}", student, args.student_steps, False),
+                   (f"student {i + 1}, text encoder int8", student, args.student_steps, True)]
+    rows, pipes = {}, {}
+    for name, model, steps, text_int8 in models:
+        pipes[name], psnr = exported(model, args.runtime, work / name.replace(" ", "-").replace(",", ""), text_int8)
+        images = pipes[name](prompts.captions, steps, 7.5)
+        rows[name] = {"model": model, "steps": steps, "score": headline(score(judge, images, prompts)),
+                      "image_psnr": psnr, "rounds": []}
+    for _ in range(args.rounds):  # the models take turns, so a slow spell of the host falls on all of them
+        for name, model, steps, _ in models:
+            rows[name]["rounds"].append(image_costs(pipes[name], steps, 7.5, args.runs))
+    for row in rows.values():
+        row.update({key: min(r[key] for r in row["rounds"]) for key in row["rounds"][0]})
+    teacher = rows["teacher"]
+    print(f"{args.runtime}, {torch.get_num_threads()} threads; guidance 7.5 (the teacher classifier-free, students "
+          f"embedded); score: GenEval-style overall, {args.per_family} in-distribution prompts per family\n")
+    print("| model | steps | text encoder ms | UNet ms | VAE decoder ms | image ms | teacher ÷ (per round) | score | "
+          "÷ teacher | image PSNR vs PyTorch |")
+    print("| --- " * 10 + "|")
+    for name, row in rows.items():
+        per_round = [t["image_ms"] / r["image_ms"] for t, r in zip(teacher["rounds"], row["rounds"])]
+        print(f"| {name} | {row['steps']} | {row['text_encoder_ms']:.2f} | {row['unet_ms']:.2f} | "
+              f"{row['vae_decoder_ms']:.2f} | {row['image_ms']:.2f} | {teacher['image_ms'] / row['image_ms']:.1f}× "
+              f"({min(per_round):.1f}–{max(per_round):.1f}×) | {row['score']:.3f} | "
+              f"{row['score'] / max(teacher['score'], 1e-9):.2f} | {row['image_psnr']:.1f} dB |")
+    if args.sd15_text_encoder:
+        rows["sd15_text_encoder"] = sd15_text_encoder(args.runtime, work, args.runs)
+        print("\nSD-1.5 text encoder architecture (random weights, 77 tokens):")
+        for precision, row in rows["sd15_text_encoder"].items():
+            print(f"  {precision}: {row['ms']:.1f} ms, {row['mb']:.0f} MB, relative error {row['relative_error']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -61,9 +61,12 @@ def test_optimum_runs_our_onnx_exports_as_our_runtime_does(tiny_exports, lcm_stu
     from pocketdiff.export.exporter import ExportConfig, export_model
     from pocketdiff.export.runtime import ExportedPipeline
 
-    student = tmp_path / "student"
+    student, int8_text = tmp_path / "student", tmp_path / "student-int8-text-encoder"
     export_model(modelio.open_model(lcm_student[0]), ExportConfig(to=["onnx"]), student, log=lambda _: None)
-    cases = {"teacher-4": (tiny_exports["onnx"], 4), "lcm-1": (student / "onnx", 1), "lcm-4": (student / "onnx", 4)}
+    export_model(modelio.open_model(lcm_student[0]), ExportConfig(to=["onnx"], text_encoder_int8=True), int8_text,
+                 log=lambda _: None)
+    cases = {"teacher-4": (tiny_exports["onnx"], 4), "lcm-1": (student / "onnx", 1), "lcm-4": (student / "onnx", 4),
+             "lcm-1-int8-text-encoder": (int8_text / "onnx", 1)}
     latents = latents_for(lcm_student[0], seed=3)
     jobs = [{"name": name, "folder": folder, "kind": "optimum", "steps": steps, "guidance": 7.5, "seed": 5,
              "array": latents} for name, (folder, steps) in cases.items()]

@@ -7,10 +7,9 @@
 Each model is exported to the runtime (`pocketdiff export`: a student quantized for it ships its int8
 UNet), each student a second time with `--text-encoder-int8`, and every export runs through the
 torch-free `ExportedPipeline`. Per model, measured in this run on this host, in `--rounds` rounds
-in which the models take turns (the host's speed drifts by up to 2× for minutes): the fastest of
-`--runs` calls of the text encoder, of one UNet call (batch 2 for the guided teacher) times the
-calls an image makes, and of the VAE decoder, and of the whole image end to end, each the least
-over the rounds; the teacher's time over each model's (and its range over the rounds); the GenEval-style score of the exported pipeline's own images
+in which the models take turns (the host's speed drifts by up to 2× for minutes): of `--runs`
+images, the fastest end to end, and the least each component took within an image (text encoder,
+every UNet call together, VAE decoder), each the least over the rounds; the teacher's time over each model's (and its range over the rounds); the GenEval-style score of the exported pipeline's own images
 (in-distribution prompts, seeds 0+i, guidance 7.5); and the export's image PSNR against PyTorch
 (its end-to-end check, whose int8 limit is lowered to 20 dB here so that every row is measured). `--sd15-text-encoder` adds SD-1.5's text
 encoder architecture (random weights, 77 tokens) in fp32 and int8 in onnxruntime and ExecuTorch:
@@ -22,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from pocketdiff.export.components import Component, TextEncoder
 from pocketdiff.export.exporter import ExportConfig, export_model
 from pocketdiff.export.formats import FORMATS
 from pocketdiff.export.parity import ParityThresholds
-from pocketdiff.export.runtime import ExportedPipeline, guidance_embedding
+from pocketdiff.export.runtime import ExportedPipeline
 
 
 def exported(model: str, runtime: str, folder: Path, text_encoder_int8: bool) -> tuple[ExportedPipeline, float]:
@@ -48,25 +48,44 @@ def exported(model: str, runtime: str, folder: Path, text_encoder_int8: bool) ->
     return ExportedPipeline(folder / runtime, runtime), json.loads(report.read_text())["image_psnr"]
 
 
-def image_costs(pipe: ExportedPipeline, steps: int, guidance: float, runs: int) -> dict:
-    """ms of the text encoder, of the UNet calls one image makes, of the decoder, and of the image end to end."""
-    guided = guidance > 1 and not pipe.guidance_dim
-    cond = pipe.conditions("a red circle")
-    if guided:
-        cond = {k: np.concatenate([v, cond[k]]) for k, v in pipe.negative_conditions(cond).items()}
-    latent = pipe.initial_latents(1, 0)
-    unet_inputs = {"sample": np.concatenate([latent] * (2 if guided else 1)), **cond}
-    if pipe.guidance_dim:
-        unet_inputs["timestep_cond"] = guidance_embedding(guidance, pipe.guidance_dim)
-    t = int(pipe.scheduler.timesteps(steps)[0])
-    fastest = lambda fn: min(call_times(fn, runs, warmup=3))  # noqa: E731
-    tokenizer, encoder, _ = pipe.encoders[0]
-    ids = {"input_ids": np.array([tokenizer.encode("a red circle")], dtype=np.int64)}
-    costs = {"text_encoder_ms": fastest(lambda: encoder(ids)),
-             "unet_ms": steps * fastest(lambda: pipe._unet(unet_inputs, t)),
-             "vae_decoder_ms": fastest(lambda: pipe.vae_decoder({"latent_sample": latent / pipe.scaling}))}
-    costs["image_ms"] = fastest(lambda: pipe(["a red circle"], steps, guidance))
-    return costs
+class Timed:
+    """A runtime model that adds the ms of each call to `spent[key]`, so one image splits into its components."""
+
+    def __init__(self, model, key: str, spent: dict):
+        self.model, self.key, self.spent = model, key, spent
+
+    def __call__(self, inputs: dict) -> dict:
+        began = time.perf_counter()
+        outputs = self.model(inputs)
+        self.spent[self.key] = self.spent.get(self.key, 0.0) + (time.perf_counter() - began) * 1e3
+        return outputs
+
+    def __getattr__(self, name):  # input names, static shapes: the runtime reads them from the model
+        return getattr(self.model, name)
+
+
+def timed(pipe: ExportedPipeline) -> tuple[ExportedPipeline, dict]:
+    """`pipe` with its text encoder(s), UNet and decoder timed into the returned dict."""
+    spent: dict[str, float] = {}
+    pipe.encoders = [(tokenizer, Timed(encoder, "text_encoder_ms", spent), config)
+                     for tokenizer, encoder, config in pipe.encoders]
+    pipe.unet = Timed(pipe.unet, "unet_ms", spent)
+    pipe.vae_decoder = Timed(pipe.vae_decoder, "vae_decoder_ms", spent)
+    return pipe, spent
+
+
+def image_costs(pipe: ExportedPipeline, spent: dict, steps: int, guidance: float, runs: int) -> dict:
+    """ms of the image end to end and of its text encoder, UNet calls and decoder: each the fastest of `runs`
+    images (after three untimed ones)."""
+    parts = []
+
+    def one_image():
+        spent.clear()
+        pipe(["a red circle"], steps, guidance)
+        parts.append(dict(spent))
+
+    image_ms = call_times(one_image, runs, warmup=3)
+    return {"image_ms": min(image_ms), **{key: min(p[key] for p in parts[3:]) for key in parts[-1]}}
 
 
 def sd15_text_encoder(runtime: str, work: Path, runs: int) -> dict:
@@ -113,13 +132,14 @@ def main() -> None:
                    (f"student {i + 1}, text encoder int8", student, args.student_steps, True)]
     rows, pipes = {}, {}
     for name, model, steps, text_int8 in models:
-        pipes[name], psnr = exported(model, args.runtime, work / name.replace(" ", "-").replace(",", ""), text_int8)
-        images = pipes[name](prompts.captions, steps, 7.5)
+        pipe, psnr = exported(model, args.runtime, work / name.replace(" ", "-").replace(",", ""), text_int8)
+        pipes[name] = timed(pipe)
+        images = pipe(prompts.captions, steps, 7.5)
         rows[name] = {"model": model, "steps": steps, "score": headline(score(judge, images, prompts)),
                       "image_psnr": psnr, "rounds": []}
     for _ in range(args.rounds):  # the models take turns, so a slow spell of the host falls on all of them
         for name, model, steps, _ in models:
-            rows[name]["rounds"].append(image_costs(pipes[name], steps, 7.5, args.runs))
+            rows[name]["rounds"].append(image_costs(*pipes[name], steps, 7.5, args.runs))
     for row in rows.values():
         row.update({key: min(r[key] for r in row["rounds"]) for key in row["rounds"][0]})
     teacher = rows["teacher"]

@@ -1,0 +1,119 @@
+"""Group norm in ExecuTorch: the portable kernel against a form XNNPACK delegates, in SD-1.5's first down block.
+
+    python benchmarks/group_norm.py [--latent 64] [--rounds 2] [--runs 5] [--work group-norm]
+
+ExecuTorch's XNNPACK partitioner does not take `native_group_norm`, so every group norm runs on a
+portable kernel and splits the delegated graph around it; each split is a layout change between
+XNNPACK's channels-last and the portable kernel's channels-first tensors. The alternative computes
+the same group norm from ops XNNPACK takes, all on per-channel (N, C, 1, 1) statistics so nothing
+leaves channels-last: spatial means, a 1×1 convolution that averages the channels of each group,
+subtract, rsqrt, multiply, add. SD-1.5's first down block (2 ResNet blocks and 2 transformers at
+320 channels, the downsampler; 6 group norms) is lowered both ways as the export lowers it
+(`export.executorch.lower`) and run in ExecuTorch's runtime at batch 2, beside torch eager, taking
+turns. Printed: fastest ms per round, and each program's largest difference from eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from attention_forms import program_times  # beside this script
+from pocketdiff.devices.anchors import SD15_UNET
+from pocketdiff.export.executorch import lower
+
+
+def delegable_group_norm(norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    channels, groups = x.shape[1], norm.num_groups
+    width = channels // groups
+    average = torch.kron(torch.eye(groups), torch.full((width, width), 1.0 / width)).view(channels, channels, 1, 1)
+    mean = torch.nn.functional.conv2d(x.mean(dim=(2, 3), keepdim=True), average)
+    centred = x - mean
+    variance = torch.nn.functional.conv2d((centred * centred).mean(dim=(2, 3), keepdim=True), average)
+    scaled = centred * torch.rsqrt(variance + norm.eps)
+    return scaled * norm.weight.view(1, channels, 1, 1) + norm.bias.view(1, channels, 1, 1)
+
+
+@contextmanager
+def group_norms_delegable(module: torch.nn.Module):
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.GroupNorm)]
+    for norm in norms:
+        norm.forward = delegable_group_norm.__get__(norm)
+    try:
+        yield
+    finally:
+        for norm in norms:
+            del norm.forward
+
+
+class DownBlock(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, embedding, text):
+        return self.block(hidden, embedding, encoder_hidden_states=text)[0]
+
+
+def main() -> None:
+    from diffusers import UNet2DConditionModel
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--work", default="group-norm")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    model = DownBlock(UNet2DConditionModel.from_config(SD15_UNET).down_blocks[0]).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 320, args.latent, args.latent, generator=generator),
+              torch.randn(2, 1280, generator=generator), torch.randn(2, 77, 768, generator=generator))
+    with torch.no_grad():
+        reference = model(*inputs)
+    forms = {"portable group norm (the export's)": Path("portable.pte"), "delegable group norm": Path("delegable.pte")}
+    for name, file in forms.items():
+        path = work / file
+        if not path.exists():
+            began = time.perf_counter()
+            if file.stem == "delegable":
+                with group_norms_delegable(model):
+                    path.write_bytes(lower(model, inputs))
+            else:
+                path.write_bytes(lower(model, inputs))
+            print(f"{name}: lowered in {time.perf_counter() - began:.0f} s", flush=True)
+        forms[name] = path
+
+    fastest, errors = {name: [] for name in ["torch eager", *forms]}, {}
+    for _ in range(args.rounds):
+        with torch.inference_mode():
+            model(*inputs)
+            eager = []
+            for _ in range(args.runs):
+                began = time.perf_counter()
+                model(*inputs)
+                eager.append((time.perf_counter() - began) * 1000)
+        fastest["torch eager"].append(min(eager))
+        for name, path in forms.items():
+            times, out = program_times(path, inputs, args.runs)
+            fastest[name].append(min(times))
+            errors[name] = float((out - reference).abs().max())
+    count = sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    print(f"\nSD-1.5 down_blocks.0 ({count} group norms), {args.latent}×{args.latent} latents, batch 2, "
+          f"{torch.get_num_threads()} threads; fastest of {args.runs} calls per round\n")
+    print("| form | " + " | ".join(f"round {i + 1} ms" for i in range(args.rounds)) + " | max-abs vs eager |")
+    print("| --- " * (args.rounds + 2) + "|")
+    for name, values in fastest.items():
+        error = f"{errors[name]:.1e}" if name in errors else "–"
+        print(f"| {name} | " + " | ".join(f"{v:.0f}" for v in values) + f" | {error} |")
+
+
+if __name__ == "__main__":
+    main()

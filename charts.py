@@ -76,8 +76,9 @@ def latency_chart(bars: list[dict], path: Path) -> Path:
     return _save(plt, figure, path)
 
 
-def pareto_chart(rows: list[dict], path: Path) -> Path:
-    """Quality against latency and against UNet parameters, every variant labelled, the frontier in red."""
+def pareto_chart(rows: list[dict], path: Path, setting: str) -> Path:
+    """Quality (the judge's score at `setting`) against latency and against UNet parameters, every variant labelled,
+    the frontier in red."""
     plt = _pyplot()
     axes_spec = [(cost, scale, label) for cost, scale, label in
                  (("latency_ms", 1, "latency (ms per UNet call)"), ("unet_params", 1e-6, "UNet parameters (M)"))
@@ -94,7 +95,8 @@ def pareto_chart(rows: list[dict], path: Path) -> Path:
             axis.annotate(r["variant"], (r[cost] * scale, r["quality"]), fontsize=7, xytext=(4, 3),
                           textcoords="offset points")
         axis.set_xlabel(label)
-        axis.set_ylabel("quality (prompt score)")
+        axis.set_ylabel("quality (judge score)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    figure.suptitle(f"quality: judge score at {setting}", fontsize=9)
     return _save(plt, figure, path)

@@ -173,13 +173,13 @@ def write_sweep(sweep_dir: Path, rows: list[dict], recipe_path: Path, vary: list
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    chart = pareto_chart(rows, sweep_dir / "pareto.png")
+    setting = next((r["setting"] for r in rows if r["setting"]), "the last evaluate stage's first setting")
+    chart = pareto_chart(rows, sweep_dir / "pareto.png", setting)
     table = Table(["variant", "status", "quality", "Fréchet", "latency ms", "UNet params (M)",
                    "frontier (latency / params)"],
                   [[r["variant"], r["status"], r["quality"], r["frechet"], r["latency_ms"],
                     round(r["unet_params"] / 1e6, 3) if r["unet_params"] else None,
                     " / ".join("yes" if f else "no" for f in (r["front_latency"], r["front_params"]))] for r in rows])
-    setting = next((r["setting"] for r in rows if r["setting"]), "the last evaluate stage's first setting")
     source = next((r["latency_source"] for r in rows if r["latency_source"]), "no profile stage")
     intro = [f"Recipe {recipe_path}, varied: {'; '.join(vary)}.",
              f"Quality: judge score at {setting} (higher is better). Latency: {source}."]

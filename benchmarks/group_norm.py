@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from attention_forms import program_times  # beside this script
 from pocketdiff.devices.anchors import SD15_UNET
+from pocketdiff.devices.timing import call_times
 from pocketdiff.export.executorch import lower
 
 
@@ -78,30 +79,20 @@ def main() -> None:
               torch.randn(2, 1280, generator=generator), torch.randn(2, 77, 768, generator=generator))
     with torch.no_grad():
         reference = model(*inputs)
-    forms = {"portable group norm (the export's)": Path("portable.pte"), "delegable group norm": Path("delegable.pte")}
-    for name, file in forms.items():
-        path = work / file
+    forms = {"portable group norm (the export's)": (work / "portable.pte", nullcontext),
+             "delegable group norm": (work / "delegable.pte", group_norms_delegable)}
+    for name, (path, form) in forms.items():
         if not path.exists():
             began = time.perf_counter()
-            if file.stem == "delegable":
-                with group_norms_delegable(model):
-                    path.write_bytes(lower(model, inputs))
-            else:
+            with form(model):
                 path.write_bytes(lower(model, inputs))
             print(f"{name}: lowered in {time.perf_counter() - began:.0f} s", flush=True)
-        forms[name] = path
 
     fastest, errors = {name: [] for name in ["torch eager", *forms]}, {}
     for _ in range(args.rounds):
         with torch.inference_mode():
-            model(*inputs)
-            eager = []
-            for _ in range(args.runs):
-                began = time.perf_counter()
-                model(*inputs)
-                eager.append((time.perf_counter() - began) * 1000)
-        fastest["torch eager"].append(min(eager))
-        for name, path in forms.items():
+            fastest["torch eager"].append(min(call_times(lambda: model(*inputs), args.runs)))
+        for name, (path, _) in forms.items():
             times, out = program_times(path, inputs, args.runs)
             fastest[name].append(min(times))
             errors[name] = float((out - reference).abs().max())

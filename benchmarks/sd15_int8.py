@@ -32,9 +32,10 @@ from safetensors.torch import save_file
 
 from pocketdiff import modelio
 from pocketdiff.compress.backends import BACKENDS, SPEC_FILE, STATE_FILE
-from pocketdiff.compress.quantize import QuantizeConfig
-from pocketdiff.compress.unet_graph import ROOT
+from pocketdiff.compress.quantize import QuantizeConfig, quantization_spec
+from pocketdiff.compress.unet_graph import quantizer_state
 from pocketdiff.devices.anchors import SD15_UNET
+from pocketdiff.devices.timing import call_times
 from pocketdiff.distill.trainer import unshared
 from pocketdiff.export.exporter import ExportConfig, export_model
 from unet_speedups import feed, load, session_times  # beside this script
@@ -74,8 +75,7 @@ def quantized_unet(source: Path, backend: str, calibration: int, work: Path) -> 
     if (folder / STATE_FILE).exists():
         return folder
     config = QuantizeConfig(backend=backend)
-    spec = {"backend": backend, "layers": config.layers, "keep": config.keep, "qat": False}
-    spec |= BACKENDS[backend].spec(False)
+    spec = quantization_spec(config, config.keep)
     unet = modelio.load_unet(modelio.open_model(source))
     began = time.perf_counter()
     calibrated, counts = BACKENDS[backend].prepare(unet, spec, calibration_rows(calibration), BATCH)
@@ -85,9 +85,8 @@ def quantized_unet(source: Path, backend: str, calibration: int, work: Path) -> 
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         if not (folder / name).exists():
             (folder / name).symlink_to((source / name).resolve())
-    state = {k: v for k, v in calibrated.state_dict().items() if not k.startswith(ROOT + ".")}
     (folder / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    save_file(unshared(state), folder / STATE_FILE)
+    save_file(unshared(quantizer_state(calibrated.state_dict())), folder / STATE_FILE)
     return folder
 
 
@@ -114,14 +113,9 @@ def eager_times(folder: Path, runs: int) -> list[float]:
                    ("encoder_hidden_states", (None, TOKENS, SD15_UNET["cross_attention_dim"]), False)], BATCH, LATENT)
     args = (torch.from_numpy(inputs["sample"]), torch.from_numpy(inputs["timestep"]),
             torch.from_numpy(inputs["encoder_hidden_states"]))
-    times = []
     with torch.inference_mode():
-        unet(*args)
-        for _ in range(runs):
-            began = time.perf_counter()
-            unet(*args)
-            times.append((time.perf_counter() - began) * 1000)
-    del unet
+        times = call_times(lambda: unet(*args), runs)
+    unet = None  # freed before the next model loads
     gc.collect()
     return times
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from .. import modelio
 from ..distill.trainer import unshared
 from . import brevitas_w4a8, palettize, pt2e_int8
-from .unet_graph import ROOT, batch_args, layer_counts, outputs, traced, whole_batches
+from .unet_graph import ROOT, batch_args, layer_counts, outputs, quantizer_state, traced, whole_batches
 
 SPEC_FILE = "quantization.json"  # the backend and its settings, beside the float weights
 STATE_FILE = "quantization.safetensors"  # the quantizers' state: ranges and scales
@@ -64,7 +64,7 @@ class Int8:
         state = model.state_dict()
         unet.load_state_dict({k[len(ROOT) + 1:]: v for k, v in state.items() if k.startswith(ROOT + ".")})
         modelio.save_pipeline_with(source, out, "unet", unet)
-        save_file(unshared({k: v for k, v in state.items() if not k.startswith(ROOT + ".")}), out / "unet" / STATE_FILE)
+        save_file(unshared(quantizer_state(state)), out / "unet" / STATE_FILE)
 
     def load(self, unet, spec: dict, state: dict) -> torch.nn.Module:
         return pt2e_int8.QuantizedUNet(unet, spec, state)

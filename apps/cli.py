@@ -293,7 +293,7 @@ def text_encoder(model: ModelArg,
 def steps_(model: ModelArg,
            out: Annotated[Path, typer.Option(help="Folder for the few-step pipeline, its log and checkpoints.")],
            *, config):
-    """Distil MODEL to a 1–4 step student with guidance in its weights (LCM, progressive or DMD). Resumes from OUT."""
+    """Distil MODEL to a 1–4 step student with guidance in its weights (LCM, progressive, DMD or ode). Resumes from OUT."""
     from ..distill.steps import distill_steps
 
     report = distill_steps(_open(model), config, out, log=console.print)

@@ -1,17 +1,20 @@
-"""How few steps a distilled student needs: teacher vs LCM, progressive and DMD students, scored by the judge.
+"""How few steps a distilled student needs: teacher vs LCM, progressive, DMD and ode students, scored by the judge.
 
-    python benchmarks/steps.py [--model default] [--methods lcm,progressive,dmd] [--lcm-steps 800]
+    python benchmarks/steps.py [--model default] [--methods lcm,progressive,dmd,ode] [--lcm-steps 800]
                                [--progressive-steps 200] [--start-steps 16] [--dmd-steps 700]
-                               [--fake-updates 1] [--regression-weight 1.0]
+                               [--fake-updates 1] [--regression-weight 1.0] [--ode-steps 1500]
+                               [--ode-pairs 4096] [--ode-teacher-steps 25] [--ode-teacher default]
+                               [--ode-lr 3e-4] [--ode-batch 64]
                                [--batch 32] [--per-family 32] [--work steps-bench] [--json F]
 
 The teacher samples with DDIM and classifier-free guidance 7.5 at 1, 2, 4, 8 and 25 steps; each
 student samples at 1, 2 and 4 steps with guidance 7.5 embedded (one UNet call per step), with the
-scheduler saved in its folder. Same in-distribution prompts and seeds for every row: GenEval-style
-overall ↑ (also as a share of the teacher's 25-step score) and each family's pass rate, Fréchet
-distance ↓. Training wall time is per method on this machine. Runs resume: a student already
-trained in `--work` is only evaluated again. Give `--model` a pruned + KD'd pipeline for the
-issue's second table.
+scheduler saved in its folder (the ode student at 1 step only: it learns no other). Same
+in-distribution prompts and seeds for every row: GenEval-style overall ↑ (also as a share of the
+teacher's 25-step score) and each family's pass rate, Fréchet distance ↓. Training wall time is
+per method on this machine. Runs resume: a student already trained in `--work` is only evaluated
+again. Give `--model` a pruned + KD'd pipeline for the issue's second table, with `--ode-teacher`
+the unpruned pipeline whose samples the ode student learns (scored at 25 steps in its own row).
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ def main() -> None:
     parser.add_argument("--dmd-steps", type=int, default=700)
     parser.add_argument("--fake-updates", type=int, default=1, help="dmd: fake-score updates per generator update")
     parser.add_argument("--regression-weight", type=float, default=1.0, help="dmd: weight of the teacher-pair regression")
+    parser.add_argument("--ode-steps", type=int, default=1500)
+    parser.add_argument("--ode-pairs", type=int, default=4096, help="ode: prompts the guided teacher samples once")
+    parser.add_argument("--ode-teacher-steps", type=int, default=25, help="ode: the teacher's DDIM steps per pair")
+    parser.add_argument("--ode-teacher", default=None, help="ode: the pipeline whose samples the student learns "
+                                                            "(default: --model)")
+    parser.add_argument("--ode-lr", type=float, default=3e-4)
+    parser.add_argument("--ode-batch", type=int, default=64)
     parser.add_argument("--methods", default="lcm,progressive,dmd")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -60,16 +70,22 @@ def main() -> None:
     methods = {"lcm": {"steps": args.lcm_steps},
                "progressive": {"steps": args.progressive_steps, "start_steps": args.start_steps},
                "dmd": {"steps": args.dmd_steps, "fake_updates": args.fake_updates,
-                       "regression_weight": args.regression_weight}}
+                       "regression_weight": args.regression_weight},
+               "ode": {"steps": args.ode_steps, "regression_pairs": args.ode_pairs, "teacher": args.ode_teacher,
+                       "teacher_steps": args.ode_teacher_steps, "guidance_min": 7.5, "guidance_max": 7.5,
+                       "lr": args.ode_lr, "batch": args.ode_batch, "warmup_steps": 20}}
+    if "ode" in args.methods.split(",") and args.ode_teacher:
+        rows["ode teacher (DDIM + CFG)"] = {"scores": scores(modelio.open_model(args.ode_teacher), [25])}
     for method in args.methods.split(","):
         if method not in methods:
             parser.error(f"--methods: {method!r} is not one of {', '.join(methods)}")
         changes = methods[method]
-        config = StepDistillConfig(method=method, batch=args.batch, lr=args.lr, checkpoint_every=100, **changes)
+        config = StepDistillConfig(**{"method": method, "batch": args.batch, "lr": args.lr, "checkpoint_every": 100,
+                                      **changes})
         began = time.perf_counter()
         report = distill_steps(teacher, config, work / method, log=lambda _: None)
         trained = sum(r["wall_time_s"] for r in report["rounds"])
-        rows[f"{method} student"] = {"scores": scores(modelio.open_model(work / method), [1, 2, 4]),
+        rows[f"{method} student"] = {"scores": scores(modelio.open_model(work / method), report["sample_steps"]),
                                      "train_wall_s": round(trained, 1), "this_run_s": round(time.perf_counter() - began, 1),
                                      "optimizer_steps": sum(config.steps for _ in report["rounds"]),
                                      "resumed": [r["resumed_at_step"] for r in report["rounds"]]}

@@ -22,73 +22,17 @@ so one backward and one optimiser step update both, and one checkpoint resumes b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from ..folderhash import hash_model_folder
-from ..progress import tracked
-from . import data
-from .conditions import TextConditions, caption_ids
-from .latents import digest_of, save_atomic
 from .diffusion import (GuidedTeacher, alpha_at, as_column, boundary_scalings, ddim_to, guidance_embedding, output_for,
                         with_guidance_input, x0_and_eps)
+from .pairs import OneStep, Pairs, pair_batches, pair_regression, teacher_pairs
 from .step_common import BatchParts, StepDistillConfig, train_round
-from .trainer import Trainer, epoch_batches
+from .trainer import Trainer
 
 CHAINS = (1, 2, 4)  # the step counts the student is trained to sample in (LCMScheduler's timesteps for each)
-
-
-@dataclass(frozen=True)
-class Pairs:
-    """The guided teacher's ODE samples: starting noise, final latent, guidance scale and prompt ids (per text
-    encoder, under the batch keys `TextConditions` reads)."""
-
-    noise: torch.Tensor
-    sample: torch.Tensor
-    guidance: torch.Tensor
-    ids: dict[str, torch.Tensor]
-
-    def __len__(self) -> int:
-        return len(self.noise)
-
-
-@torch.no_grad()
-def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch.Tensor, final_alpha: float,
-                  config: StepDistillConfig, batch: int = 64) -> Pairs:
-    """`config.regression_pairs` prompts sampled by the guided teacher with DDIM ("trailing", as the default
-    samples) from seeded noise, guidance drawn per pair; cached by teacher, prompts and settings."""
-    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
-    chosen = [captions[i] for i in order[:config.regression_pairs].tolist()]
-    key = digest_of(hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
-                  config.guidance_max, config.seed)
-    path = data.cache_dir() / "pairs" / f"{key}.safetensors"
-    if path.exists():
-        saved = load_file(path)
-        return Pairs(saved.pop("noise"), saved.pop("sample"), saved.pop("guidance"), saved)
-    ids, conditions = caption_ids(pipe, chosen), TextConditions(pipe)
-    random = torch.Generator().manual_seed(config.seed)
-    unet, device = pipe.unet, pipe.unet.device
-    shape = (len(chosen), unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    noise = torch.randn(shape, generator=random)
-    guidance = config.guidance_min + (config.guidance_max - config.guidance_min) * torch.rand(len(chosen), generator=random)
-    stride = len(alphas) // config.teacher_steps
-    grid = [len(alphas) - 1 - stride * i for i in range(config.teacher_steps)]
-    teacher, samples = GuidedTeacher(unet, pipe.scheduler.config.prediction_type), []
-    for start in tracked(range(0, len(chosen), batch), "teacher pairs"):
-        part = slice(start, start + batch)
-        x, g = noise[part].to(device), guidance[part].to(device)
-        text, empty = conditions({k: v[part].to(device) for k, v in ids.items()}), conditions.unconditional(len(x), device)
-        for timestep in grid:
-            t = torch.full((len(x),), timestep, device=device)
-            x = ddim_to(*teacher(x, t, alpha_at(alphas, final_alpha, t), text, empty, g),
-                        alpha_at(alphas, final_alpha, (t - stride).clamp(min=-1)))
-        samples.append(x.cpu())
-    pairs = Pairs(noise, torch.cat(samples).contiguous(), guidance, ids)
-    save_atomic({"noise": pairs.noise, "sample": pairs.sample, "guidance": pairs.guidance, **pairs.ids}, path)
-    return pairs
 
 
 def chain_table(scheduler) -> torch.Tensor:
@@ -108,8 +52,9 @@ class DMDLoss:
         self.networks, self.alphas, self.final_alpha, self.config = networks, alphas, final_alpha, config
         self.prediction = pipe.scheduler.config.prediction_type
         self.teacher = GuidedTeacher(pipe.unet, self.prediction)
-        self.parts, self.pairs, self.chains = BatchParts(pipe, config), pairs, chains
-        self.pick_pairs = epoch_batches(len(pairs), min(config.batch, len(pairs)), config.seed + 1)
+        self.parts, self.chains = BatchParts(pipe, config), chains
+        self.pair_rows = pair_batches(pairs, config.batch, config.seed + 1)
+        self.one_step = OneStep(networks["generator"], alphas, final_alpha, self.prediction, int(chains[0, 0]))
         self.last: dict[str, torch.Tensor] = {"distribution": torch.tensor(0.0), "regression": torch.tensor(0.0)}
         unet_config = networks["generator"].config
         self.dim, self.shape = unet_config.time_cond_proj_dim, (unet_config.in_channels, *[unet_config.sample_size] * 2)
@@ -177,14 +122,8 @@ class DMDLoss:
 
     def _regression(self, step: int, device) -> torch.Tensor:
         """MSE between the 1-step generator and the guided teacher's ODE sample of the same noise."""
-        index = self.pick_pairs(step)
-        noise, sample = self.pairs.noise[index].to(device), self.pairs.sample[index].to(device)
-        guidance = self.pairs.guidance[index].to(device)
-        with torch.no_grad():
-            text = self.parts.conditions({k: v[index].to(device) for k, v in self.pairs.ids.items()})
-        t = torch.full((len(noise),), int(self.chains[0, 0]), device=device)
-        cond = guidance_embedding(guidance, self.dim)
-        regression = (self._generate(noise, t, text, cond) - sample).pow(2).mean()
+        regression = pair_regression(self.one_step, self.parts.conditions,
+                                     {k: v.to(device) for k, v in self.pair_rows(step).items()})
         self.last["regression"] = regression.detach()
         return regression
 

@@ -24,8 +24,11 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["lcm", "progressive", "dmd"] = Field("lcm", description="lcm, progressive or dmd (distribution "
-                                                                           "matching).")
+    method: Literal["lcm", "progressive", "dmd", "ode"] = Field(
+        "lcm", description="lcm, progressive, dmd (distribution matching) or ode (1 step: regression to the guided "
+                           "teacher's samples).")
+    teacher: str | None = Field(None, description="ode: the pipeline whose guided samples the student learns (a "
+                                                  "folder or 'default'; default: the model itself).")
     steps: int = Field(500, ge=1, description="Optimiser steps (per round for progressive).")
     batch: int = Field(32, ge=1, description="Latents per step.")
     lr: float = Field(1e-4, gt=0, description="Learning rate.")
@@ -39,14 +42,15 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
     target_decay: float = Field(0.95, ge=0, lt=1, description="lcm: EMA rate of the target network.")
     start_steps: int = Field(16, ge=2, description="progressive: the teacher's steps in round 1; each round halves.")
     final_steps: int = Field(1, ge=1, description="progressive: the last student's steps.")
-    prediction: Literal["teacher", "epsilon", "v_prediction", "sample"] = Field(
-        "teacher", description="progressive: the student's output.")
-    ema_decay: float = Field(0.0, ge=0, lt=1, description="progressive, dmd: EMA of the saved student.")
+    prediction: Literal["teacher", "epsilon", "v_prediction", "sample"] | None = Field(
+        None, description="progressive, ode: the student's output (default: progressive the teacher's, ode sample).")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="progressive, dmd, ode: EMA of the saved student.")
     fake_updates: int = Field(1, ge=1, description="dmd: fake-score updates per generator update (DMD2's two "
                                                    "time-scale rule uses 5).")
     regression_weight: float = Field(1.0, ge=0, description="dmd: weight of the regression to the teacher's samples; "
                                                             "0: distribution matching only.")
-    regression_pairs: int = Field(1024, ge=1, description="dmd: prompts the guided teacher samples once.")
+    regression_pairs: int = Field(1024, ge=1, description="dmd, ode: prompts the guided teacher samples once "
+                                                          "(teacher_steps DDIM steps).")
     dm_min_step: int = Field(20, ge=0, description="dmd: lowest noise level of the distribution-matching gradient.")
     dm_max_step: int = Field(980, ge=0, description="dmd: highest noise level of the distribution-matching gradient.")
 
@@ -56,6 +60,10 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
             raise ValueError(f"guidance_min {self.guidance_min} is above guidance_max {self.guidance_max}")
         if self.dm_min_step > self.dm_max_step:
             raise ValueError(f"dm_min_step {self.dm_min_step} is above dm_max_step {self.dm_max_step}")
+        if self.prediction is not None and self.method in ("lcm", "dmd"):
+            raise ValueError(f"prediction is a progressive and ode setting; {self.method} keeps the teacher's")
+        if self.teacher is not None and self.method != "ode":
+            raise ValueError(f"teacher is an ode setting; {self.method} distils the model's own UNet")
         if self.method == "progressive":
             rounds = math.log2(self.start_steps / self.final_steps)
             if self.start_steps <= self.final_steps or rounds != int(rounds):
@@ -63,10 +71,18 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
                                  "times a power of two (each round halves the steps)")
         return self
 
+    def student_prediction(self, teacher: str) -> str:
+        """The student's output type: as set ("teacher": the teacher's), else ode's x̂0 and the others' the teacher's."""
+        if self.prediction is None:
+            return "sample" if self.method == "ode" else teacher
+        return teacher if self.prediction == "teacher" else self.prediction
+
     def student_step_counts(self) -> list[int]:
         """The step count each round's student learns: start/2, start/4, ... final (one entry for LCM)."""
         if self.method in ("lcm", "dmd"):
             return [self.solver_steps]
+        if self.method == "ode":
+            return [1]
         counts, n = [], self.start_steps
         while n > self.final_steps:
             n //= 2

@@ -18,6 +18,9 @@ trained grid) samples the student with the teacher's pipeline class (`StableDiff
 - `dmd` (distribution matching, `dmd.py`): a fake score network tracks the student's samples, and
   the student follows the difference of the fake and the guided teacher's scores, plus regression
   to the teacher's own samples; sampled with LCMScheduler in 1, 2 or 4 steps.
+- `ode` (`ode.py`, Luhman & Luhman's one-step student): regression of the student's one-step
+  sample on the guided teacher's DDIM samples of the same noise, the teacher optionally another
+  pipeline (a pruned student's original); sampled with LCMScheduler in 1 step.
 
 The text encoder(s) and VAE stay the teacher's; only the UNet trains. Every UNet call takes the text
 conditions its pipeline computes (`conditions.py`: SDXL's added conditions too).
@@ -40,6 +43,7 @@ from .conditions import frozen_teacher
 from .diffusion import (GuidedTeacher, alpha_at, as_column, boundary_scalings, ddim_to, guidance_embedding, output_for,
                         with_guidance_input, x0_and_eps)
 from .dmd import train_dmd
+from .ode import train_ode
 from .step_common import BatchParts, StepDistillConfig, train_round
 from .trainer import Trainer
 
@@ -134,9 +138,9 @@ def _student_scheduler(pipe, config: StepDistillConfig, prediction: str):
     """The scheduler that samples the student on the grid it learned, in stock diffusers."""
     from diffusers import DDIMScheduler, LCMScheduler
 
-    if config.method in ("lcm", "dmd"):
+    if config.method in ("lcm", "dmd", "ode"):
         return LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=config.solver_steps,
-                                        timestep_scaling=10.0)
+                                        timestep_scaling=10.0, prediction_type=prediction)
     return DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", prediction_type=prediction,
                                      clip_sample=False, thresholding=False)
 
@@ -150,7 +154,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
         raise UserError(f"{model_ref.path}: step distillation needs a pipeline folder with weights")
     pipe = modelio.load_pipeline(model_ref)
     teacher_prediction = pipe.scheduler.config.prediction_type
-    prediction = teacher_prediction if config.prediction == "teacher" else config.prediction
+    prediction = config.student_prediction(teacher_prediction)
     alphas, final_alpha = _schedule(pipe)
     bad = [n for n in config.student_step_counts() if len(alphas) % n]
     if bad:
@@ -172,6 +176,9 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
         rounds.append(train_round(trainer, pipe, out, config.solver_steps))
     elif config.method == "dmd":
         rounds.append(train_dmd(pipe, model_ref.path, student, latents, batch_for, alphas, final_alpha,
+                                _student_scheduler(pipe, config, prediction), config, out, identity))
+    elif config.method == "ode":
+        rounds.append(train_ode(pipe, model_ref, student, latents.captions, alphas, final_alpha,
                                 _student_scheduler(pipe, config, prediction), config, out, identity))
     else:
         teacher = pipe.unet
@@ -195,7 +202,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
             teacher = copy.deepcopy(student).eval().requires_grad_(False)
     report = {"method": config.method, "teacher": str(model_ref.path.resolve()), "config": config.model_dump(),
               "prediction_type": prediction, "rounds": rounds,
-              "sample_steps": [config.final_steps] if config.method == "progressive" else [1, 2, 4],
+              "sample_steps": {"progressive": [config.final_steps], "ode": [1]}.get(config.method, [1, 2, 4]),
               "training_images": len(latents), "data_free": bool(config.captions),
               "wall_time_s": round(time.perf_counter() - began, 1)}
     if processes.is_main_process:

@@ -100,33 +100,65 @@ def fold_guidance(unet, guidance: float):
     return folded, condition
 
 
+class AsEpsilon(torch.nn.Module):
+    """The ε a UNet's x̂0 or v output implies at its timestep: Swift's schedulers read every UNet as
+    ε-predicting (`convertModelOutput` takes epsilon only), so an x̂0 student ships returning ε."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction: str):
+        super().__init__()
+        if prediction not in ("sample", "v_prediction"):
+            raise UserError(f"prediction_type {prediction!r}: the Core ML export converts sample or v_prediction to ε")
+        self.prediction = prediction
+        self.register_buffer("alphas", alphas_cumprod.float())
+
+    def forward(self, output, sample, timestep):
+        a = self.alphas[timestep.long()].view(-1, 1, 1, 1)
+        if self.prediction == "sample":
+            return (sample - a.sqrt() * output) / (1 - a).sqrt()
+        return a.sqrt() * output + (1 - a).sqrt() * sample
+
+
+def as_epsilon(pipe) -> AsEpsilon | None:
+    """The ε conversion a pipeline's UNet needs in Swift; None for an ε-predicting UNet."""
+    from diffusers import DDPMScheduler
+
+    config = pipe.scheduler.config
+    if config.get("prediction_type", "epsilon") == "epsilon":
+        return None
+    return AsEpsilon(DDPMScheduler.from_config(config).alphas_cumprod, config.prediction_type)
+
+
 class Unet(UNet):
     """Apple's UNet I/O: (B,) timesteps and (B, dim, 1, tokens) text states; SDXL's `text_embeds` and
-    `time_ids` as further (B, ...) inputs under those names. `source`: the UNet as saved, and `constants`
-    the conditions folded into `unet` (in the order the saved UNet takes them after the fed ones)."""
+    `time_ids` as further (B, ...) inputs under those names. `source`: the UNet as saved, `constants`
+    the conditions folded into `unet` (in the order the saved UNet takes them after the fed ones), and
+    `epsilon` the conversion of an x̂0 or v output to the ε Swift reads."""
 
-    def __init__(self, unet, extra: tuple[str, ...], source, constants: tuple[torch.Tensor, ...]):
+    def __init__(self, unet, extra: tuple[str, ...], source, constants: tuple[torch.Tensor, ...],
+                 epsilon: AsEpsilon | None = None):
         super().__init__(unet, extra)
-        self.source, self.constants = source, constants
+        self.source, self.constants, self.epsilon = source, constants, epsilon
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
-        return super().forward(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)
+        out = super().forward(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra)
+        return out if self.epsilon is None else self.epsilon(out, sample, timestep)
 
 
 class Int8Unet(torch.nn.Module):
     """The saved int8 graph behind Apple's UNet I/O (the graph takes the text states as (B, tokens, dim)),
     folded conditions passed as constants."""
 
-    def __init__(self, graph, constants: tuple[torch.Tensor, ...] = ()):
+    def __init__(self, graph, constants: tuple[torch.Tensor, ...] = (), epsilon: AsEpsilon | None = None):
         super().__init__()
         self.int8 = graph  # not `graph`: the exported program's own graph module has that attribute
         for i, value in enumerate(constants):
             self.register_buffer(f"constant_{i}", value)
-        self.count = len(constants)
+        self.count, self.epsilon = len(constants), epsilon
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         constants = [getattr(self, f"constant_{i}").expand(sample.shape[0], -1) for i in range(self.count)]
-        return self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra, *constants)
+        out = self.int8(sample, timestep, encoder_hidden_states.squeeze(2).transpose(1, 2), *extra, *constants)
+        return out if self.epsilon is None else self.epsilon(out, sample, timestep)
 
 
 def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> Int8Unet:
@@ -134,7 +166,7 @@ def _int8_unet(component: Component, quantization: tuple[dict, dict] | None) -> 
     constants = tuple(c.expand(sample.shape[0], -1) for c in component.module.constants)
     graph = saved_int8_unet("Core ML", INT8_BACKENDS, component.module.source,
                             (sample, timestep, states.squeeze(2).transpose(1, 2), *extra, *constants), quantization)
-    return Int8Unet(graph, component.module.constants)
+    return Int8Unet(graph, component.module.constants, component.module.epsilon)
 
 
 def _pack_palette(model, quantization: tuple[dict, dict] | None):
@@ -209,7 +241,8 @@ def adapt(component: Component, pipe, ref: modelio.ModelRef, config) -> Componen
         swift = {"sample": repeat(inputs["sample"]), "timestep": torch.full((unet_batch,), 501.0),
                  "encoder_hidden_states": repeat(inputs["encoder_hidden_states"]).transpose(1, 2).unsqueeze(2).contiguous()}
         swift.update({name: repeat(inputs[name]) for name in extra})
-        return Component("unet", Unet(unet, extra, source, constants).eval(), swift, ["noise_pred"])
+        epsilon = as_epsilon(pipe) if pipe is not None else None
+        return Component("unet", Unet(unet, extra, source, constants, epsilon).eval(), swift, ["noise_pred"])
     if component.name == "vae_decoder":
         return Component("vae_decoder", VAEDecoder(pipe.vae, swift_scale).eval(), {"z": inputs["latent_sample"]},
                          ["image"])
@@ -257,10 +290,14 @@ def _parts(component: Component, precision: str, quantization, chunked: bool,
             raise UserError("split-einsum attention rewrites a float UNet; the int8 graph ships as it was trained")
         unet = split_einsum_unet(component.module.unet, QUERY_CHUNK if attention == "split_einsum_v2" else None)
         component = Component("unet", Unet(unet, component.module.extra, component.module.source,
-                                           component.module.constants).eval(), component.inputs, component.outputs)
+                                           component.module.constants, component.module.epsilon).eval(),
+                              component.inputs, component.outputs)
     if chunked:
         if precision == "int8":
             raise UserError("Core ML UNet chunking takes a float or palettized UNet; the int8 graph is one program")
+        if component.module.epsilon is not None:
+            raise UserError(f"Core ML UNet chunking splits the UNet before its output, where this "
+                            f"{component.module.epsilon.prediction} student's conversion to ε happens: export it whole")
         return [(CHUNKS[i], module, inputs, outputs)
                 for i, (module, inputs, outputs) in enumerate(unet_chunks.chunks(component.module.unet, component.inputs))]
     module = _int8_unet(component, quantization) if precision == "int8" and component.name == "unet" else component.module

@@ -42,11 +42,12 @@ def swift_options(ref, guidance: float, batch_one: bool) -> dict:
         "decoderScaleFactor": XL_SCALE if sdxl else SD_SCALE, "encoderScaleFactor": XL_SCALE if sdxl else SD_SCALE,
         "unetBatch": 1 if student or batch_one else 2,
         "embeddedGuidance": guidance if student else None,
-        "xl": sdxl, "runs": prediction == "epsilon", "limits": limits,
+        "xl": sdxl, "limits": limits,
     }
     if prediction != "epsilon":
-        limits.insert(0, f"This model predicts {prediction}; the package's schedulers assume epsilon prediction, "
-                         "so it does not run there (it runs in the ONNX and ExecuTorch exports).")
+        limits.insert(0, f"This model predicts {prediction}; the package's schedulers assume epsilon prediction, so "
+                         "the Core ML UNet returns the ε its output implies at the timestep it is given, and is "
+                         "exported whole, not chunked.")
     return options
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from pocketdiff import modelio
 from pocketdiff.distill import diffusion, dmd, latents, steps
+from pocketdiff.distill.pairs import teacher_pairs
 from pocketdiff.distill.steps import distill_steps
 from pocketdiff.distill.zoo import scheduler_config
 from tests.conftest import tiny_unet_config
@@ -30,7 +31,7 @@ def _loss(tiny_pipeline, image_folder, **kw):
     pipe, config = modelio.load_pipeline(model), _config(image_folder, **kw)
     alphas, final = steps._schedule(pipe)
     data, batch_for = latents.training_batches(pipe, model, config, 0, config.batch)
-    pairs = dmd.teacher_pairs(pipe, model.path, data.captions, alphas, final, config)
+    pairs = teacher_pairs(pipe, model.path, data.captions, alphas, final, config)
     torch.manual_seed(0)
     networks = torch.nn.ModuleDict({"generator": diffusion.with_guidance_input(pipe.unet).requires_grad_(True),
                                     "fake": diffusion.with_guidance_input(pipe.unet).requires_grad_(True)})

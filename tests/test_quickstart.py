@@ -29,8 +29,9 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path, compat_python):
     def scores(stage: str, steps: int) -> dict:
         return manifests[stage]["metrics"][f"in_distribution/steps={steps}/guidance=7.5"]
 
-    # measured on the 2-core AMD EPYC host: teacher 0.66 (Fréchet 0.89), pruned 0.04 (25.9), KD 0.38 (1.8), the LCM
-    # student at 4 steps 0.50 (0.75) against its teacher's 12.4 at 1 step, the final 1-step int8 student 0.06 (9.4)
+    # measured on the 2-core AMD EPYC host: teacher 0.66 (Fréchet 0.89), pruned 0.04 (25.9), KD 0.17 (2.2), the 1-step
+    # student 0.23 (1.96) against its KD'd start's 0.01 (15.7) at 1 step, the final 1-step int8 student 0.23 (1.77);
+    # ExecuTorch's int8 image 36.8 dB
     assert manifests["02-evaluate"]["metrics"]["in_distribution/real"]["overall"] >= 0.98  # the judge reads renders
     teacher = scores("02-evaluate", 25)
     assert teacher["overall"] >= 0.4 and teacher["image_ms"] > 0  # the default follows prompts, if far from all
@@ -39,17 +40,17 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path, compat_python):
     assert pruned["frechet_distance"] > 3 * teacher["frechet_distance"]  # pruning without KD costs quality
     assert manifests["03-prune"]["metrics"]["params_after"] < 0.7 * manifests["03-prune"]["metrics"]["params_before"]
     assert distilled["frechet_distance"] < 0.5 * pruned["frechet_distance"]  # KD wins most of it back
-    assert distilled["overall"] > 0.15 > pruned["overall"]
+    assert distilled["overall"] > 2 * pruned["overall"] and pruned["overall"] < 0.1
     assert manifests["05-kd"]["metrics"]["feature_pairs"] == 9  # KOALA: every self-attention bk-small keeps
-    # the LCM student at 4 steps lands nearer the renders than its teacher at 1 step
-    assert scores("08-evaluate", 4)["frechet_distance"] < 0.5 * scores("06-evaluate", 1)["frechet_distance"]
-    assert scores("08-evaluate", 4)["overall"] > 0.3
+    # the 1-step student, trained on the unpruned teacher's samples, lands far nearer the renders than its start
+    assert scores("08-evaluate", 1)["frechet_distance"] < 0.25 * scores("06-evaluate", 1)["frechet_distance"]
+    assert scores("08-evaluate", 1)["overall"] > 0.15
     # QAT int8 keeps what the fp32 1-step student draws
     assert scores("10-evaluate", 1)["frechet_distance"] < 1.25 * scores("08-evaluate", 1)["frechet_distance"]
     assert manifests["09-quantize"]["metrics"]["unet_relative_error"] < 0.05  # QAT int8 stays near the fp32 UNet
     exported = manifests["11-export"]["metrics"]
     assert exported["onnx/image_psnr"] >= 40 and exported["onnx/unet/max_abs"] < 1e-3
-    assert exported["executorch/image_psnr"] >= 22  # the int8 UNet that QAT trained, lowered to XNNPACK
+    assert exported["executorch/image_psnr"] >= 30  # the QAT int8 UNet in XNNPACK; an x̂0 output adds no amplification
     export = run_dir / "11-export"
     assert json.loads((export / "onnx" / "unet" / "config.json").read_text())["time_cond_proj_dim"]
     report = json.loads((export / "export_report.json").read_text())

@@ -12,7 +12,7 @@ from diffusers import (DDIMScheduler, LatentConsistencyModelPipeline, LCMSchedul
 
 from pocketdiff import modelio
 from pocketdiff.errors import UserError
-from pocketdiff.distill import diffusion, latents, steps
+from pocketdiff.distill import diffusion, latents, pairs, steps
 from pocketdiff.distill.step_common import StepDistillConfig
 from pocketdiff.distill.steps import distill_steps
 from pocketdiff.distill.zoo import scheduler_config
@@ -188,9 +188,9 @@ def test_progressive_rounds_halve_the_steps_and_the_last_student_samples_in_one_
                        pipe.unet.conv_out.weight)
 
 
-@pytest.mark.parametrize("method", ["lcm", "dmd"])
+@pytest.mark.parametrize("method", ["lcm", "dmd", "ode"])
 def test_killed_run_resumes_to_the_weights_of_a_straight_run(method, tiny_pipeline, image_folder, tmp_path, monkeypatch):
-    """LCM's target network and DMD's fake score network are part of what resumes."""
+    """LCM's target network and DMD's fake score network are part of what resumes; ode's batches are teacher pairs."""
     model = modelio.open_model(tiny_pipeline)
     changes = {"method": method, "regression_pairs": 8, "teacher_steps": 4}
     distill_steps(model, _config(image_folder, **changes), tmp_path / "straight")
@@ -205,10 +205,12 @@ def test_killed_run_resumes_to_the_weights_of_a_straight_run(method, tiny_pipeli
             return pick(step)
         return indices
 
-    monkeypatch.setattr(latents, "epoch_batches", dying)
+    for module in (latents, pairs):
+        monkeypatch.setattr(module, "epoch_batches", dying)
     with pytest.raises(KeyboardInterrupt):
         distill_steps(model, _config(image_folder, **changes), tmp_path / "resumed")
-    monkeypatch.setattr(latents, "epoch_batches", real)
+    for module in (latents, pairs):
+        monkeypatch.setattr(module, "epoch_batches", real)
     report = distill_steps(model, _config(image_folder, **changes), tmp_path / "resumed")
     assert report["rounds"][0]["resumed_at_step"] == 3
     straight = UNet2DConditionModel.from_pretrained(tmp_path / "straight" / "unet").state_dict()

@@ -5,6 +5,7 @@ converted, which must draw pocketdiff's own 1-step image."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -120,8 +121,14 @@ def converted_modules(monkeypatch) -> dict:
     return modules
 
 
-def test_a_one_step_student_runs_as_swift_runs_it_and_draws_our_image(lcm_student, converted_modules, tmp_path):
-    folder = lcm_student[0]
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_a_one_step_student_runs_as_swift_runs_it_and_draws_our_image(prediction, lcm_student, converted_modules,
+                                                                       tmp_path):
+    """An x̂0-predicting student (the ode method's) ships a UNet that returns ε, which Swift's scheduler reads."""
+    folder = tmp_path / "student"
+    shutil.copytree(lcm_student[0], folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": prediction}))
     export_model(modelio.open_model(folder), ExportConfig(to=["coreml"]), tmp_path, log=lambda _: None)
     out = tmp_path / "coreml"
     resources = out / "Resources"

@@ -83,6 +83,13 @@ def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_dat
     return as_column(c_skip), as_column(c_out)
 
 
+def consistency_output(output: torch.Tensor, x: torch.Tensor, t: torch.Tensor, a: torch.Tensor,
+                       prediction: str) -> torch.Tensor:
+    """LCMScheduler's denoised sample from a UNet output at (x, t): c_skip·x + c_out·x̂0; `a` is ᾱ_t per sample."""
+    c_skip, c_out = boundary_scalings(t)
+    return c_skip * x + c_out * x0_and_eps(output, x, a, prediction)[0]
+
+
 class GuidedTeacher:
     """The teacher's guided (x̂0, ε̂): a classifier-free pair, or one call where guidance is already embedded.
     `text` and `empty_text` are the UNet's text keyword arguments (`conditions.TextConditions`)."""

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .diffusion import (GuidedTeacher, alpha_at, as_column, boundary_scalings, ddim_to, guidance_embedding, output_for,
-                        with_guidance_input, x0_and_eps)
+from .diffusion import (GuidedTeacher, alpha_at, as_column, consistency_output, ddim_to, guidance_embedding,
+                        output_for, with_guidance_input, x0_and_eps)
 from .pairs import OneStep, Pairs, pair_batches, pair_regression, teacher_pairs
 from .step_common import BatchParts, StepDistillConfig, train_round
 from .trainer import Trainer
@@ -65,8 +65,7 @@ class DMDLoss:
     def _generate(self, x: torch.Tensor, t: torch.Tensor, text: dict, cond: torch.Tensor) -> torch.Tensor:
         """The generator's denoised sample at (x, t): what LCMScheduler.step computes from its output."""
         out = self.networks["generator"](x, t, **text, timestep_cond=cond).sample.float()
-        c_skip, c_out = boundary_scalings(t)
-        return c_skip * x + c_out * x0_and_eps(out, x, self._alpha(t), self.prediction)[0]
+        return consistency_output(out, x, t, self._alpha(t), self.prediction)
 
     @torch.no_grad()
     def _simulate(self, text, cond, generator) -> tuple[torch.Tensor, torch.Tensor]:

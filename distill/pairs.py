@@ -16,7 +16,7 @@ from ..folderhash import hash_model_folder
 from ..progress import tracked
 from . import data
 from .conditions import TextConditions, caption_ids
-from .diffusion import GuidedTeacher, alpha_at, boundary_scalings, ddim_to, guidance_embedding, x0_and_eps
+from .diffusion import GuidedTeacher, alpha_at, consistency_output, ddim_to, guidance_embedding
 from .latents import digest_of, save_atomic
 from .step_common import StepDistillConfig
 from .trainer import epoch_batches
@@ -84,9 +84,7 @@ class OneStep:
         t = torch.full((len(noise),), self.timestep, device=noise.device)
         cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
         out = self.student(noise, t, **text, timestep_cond=cond).sample.float()
-        c_skip, c_out = boundary_scalings(t)
-        x0 = x0_and_eps(out, noise, self.alpha.to(noise.device).expand(len(noise)), self.prediction)[0]
-        return c_skip * noise + c_out * x0
+        return consistency_output(out, noise, t, self.alpha.to(noise.device).expand(len(noise)), self.prediction)
 
 
 def pair_regression(one_step: OneStep, conditions: TextConditions, batch: dict) -> torch.Tensor:

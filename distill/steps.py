@@ -40,8 +40,8 @@ from ..errors import UserError
 from ..folderhash import hash_model_folder
 from . import latents as latent_data
 from .conditions import frozen_teacher
-from .diffusion import (GuidedTeacher, alpha_at, as_column, boundary_scalings, ddim_to, guidance_embedding, output_for,
-                        with_guidance_input, x0_and_eps)
+from .diffusion import (GuidedTeacher, alpha_at, as_column, consistency_output, ddim_to, guidance_embedding,
+                        output_for, with_guidance_input, x0_and_eps)
 from .dmd import train_dmd
 from .ode import train_ode
 from .step_common import BatchParts, StepDistillConfig, train_round
@@ -75,14 +75,12 @@ class LCMLoss:
         cond = guidance_embedding(guidance, self.student.config.time_cond_proj_dim)
 
         out = self.student(x, t, **text, timestep_cond=cond).sample.float()
-        c_skip, c_out = boundary_scalings(t)
-        pred = c_skip * x + c_out * x0_and_eps(out, x, a, self.prediction)[0]
+        pred = consistency_output(out, x, t, a, self.prediction)
         with torch.no_grad():
             x_prev = ddim_to(*self.teacher(x, t, a, text, empty, guidance), a_prev)
             target_out = torch.func.functional_call(self.student, self.target_weights, (x_prev, t_prev),
                                                     {**text, "timestep_cond": cond}).sample.float()
-            c_skip, c_out = boundary_scalings(t_prev)
-            target = c_skip * x_prev + c_out * x0_and_eps(target_out, x_prev, a_prev, self.prediction)[0]
+            target = consistency_output(target_out, x_prev, t_prev, a_prev, self.prediction)
         if self.config.loss == "huber":
             c = self.config.huber_c
             loss = ((pred - target).pow(2) + c * c).sqrt().mean() - c

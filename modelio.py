@@ -99,6 +99,13 @@ def open_model(spec: str | Path, allow_pickle: bool = False) -> ModelRef:
     raise UserError(f"{path}: not a diffusers model (no model_index.json or config.json)")
 
 
+def require_trained_pipeline(ref: ModelRef, user: str, why: str = "") -> None:
+    """Refuse a bare UNet folder or an architecture with random weights where `user` (a verb, a role) needs a whole
+    trained pipeline: sampling, teacher targets and calibration all come from its weights."""
+    if ref.kind != "pipeline" or ref.random_weights:
+        raise UserError(f"{ref.path}: {user} needs a pipeline folder with weights{why}")
+
+
 def load_unet(ref: ModelRef, device: str | torch.device = "cpu"):
     """The UNet in fp32: its weights, or random weights (seeded) for an architecture-only folder."""
     from diffusers import UNet2DConditionModel

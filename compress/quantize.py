@@ -89,8 +89,7 @@ def quantization_spec(config: QuantizeConfig, keep: list[str]) -> dict:
 
 def quantize(ref: modelio.ModelRef, config: QuantizeConfig, out: Path, log=print) -> dict:
     """Quantize `ref`'s UNet for `config.backend`; write the quantized pipeline and `quantize_report.json` to `out`."""
-    if ref.kind != "pipeline" or ref.random_weights:
-        raise UserError(f"{ref.path}: quantization needs a pipeline folder with weights (its trajectories calibrate)")
+    modelio.require_trained_pipeline(ref, "quantization", " (its trajectories calibrate)")
     out, began = Path(out), time.perf_counter()
     pipe = modelio.load_pipeline(ref)
     unet = pipe.unet.requires_grad_(False)

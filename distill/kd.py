@@ -229,8 +229,7 @@ def distill_kd(teacher_ref: modelio.ModelRef, student_ref: modelio.ModelRef, con
     from accelerate import PartialState
 
     out, processes = Path(out), PartialState()
-    if teacher_ref.kind != "pipeline" or teacher_ref.random_weights:
-        raise UserError(f"{teacher_ref.path}: the teacher must be a pipeline folder with weights")
+    modelio.require_trained_pipeline(teacher_ref, "the KD teacher")
     if not student_ref.unet_has_weights:
         raise UserError(f"{student_ref.unet_path}: the student has no weights (prune a model with weights first)")
     pipe = modelio.load_pipeline(teacher_ref)

@@ -36,8 +36,7 @@ def _teacher(student_pipe, student_ref: modelio.ModelRef, config: StepDistillCon
     if config.teacher is None:
         return student_pipe, student_ref.path
     ref = modelio.open_model(config.teacher)
-    if ref.kind != "pipeline" or ref.random_weights:
-        raise UserError(f"{config.teacher}: the ode teacher must be a pipeline folder with weights")
+    modelio.require_trained_pipeline(ref, "the ode teacher")
     pipe = modelio.load_pipeline(ref)
     mine, theirs = student_pipe.unet.config, pipe.unet.config
     for key in ("in_channels", "sample_size"):

@@ -148,8 +148,7 @@ def distill_steps(model_ref: modelio.ModelRef, config: StepDistillConfig, out: P
     from accelerate import PartialState
 
     out, processes = Path(out), PartialState()
-    if model_ref.kind != "pipeline" or model_ref.random_weights:
-        raise UserError(f"{model_ref.path}: step distillation needs a pipeline folder with weights")
+    modelio.require_trained_pipeline(model_ref, "step distillation")
     pipe = modelio.load_pipeline(model_ref)
     teacher_prediction = pipe.scheduler.config.prediction_type
     prediction = config.student_prediction(teacher_prediction)

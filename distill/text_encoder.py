@@ -99,8 +99,7 @@ def distill_text_encoder(ref: modelio.ModelRef, config: SlimTextEncoderConfig, o
     from accelerate import PartialState
 
     out, processes = Path(out), PartialState()
-    if ref.kind != "pipeline" or ref.random_weights:
-        raise UserError(f"{ref.path}: text-encoder distillation needs a pipeline folder with weights")
+    modelio.require_trained_pipeline(ref, "text-encoder distillation")
     pipe = modelio.load_pipeline(ref)
     if modelio.is_sdxl(pipe):
         raise UserError(f"{ref.path}: SDXL's two text encoders are not distilled yet; give an SD-1.x/2.x pipeline")

@@ -26,23 +26,35 @@ from .trainer import RunSettings, Trainer, epoch_batches
 
 
 class SlimVAEConfig(RunSettings):
-    width: float = Field(0.5, gt=0, le=1, description="Share of the channels each VAE stage keeps (rounded to the "
-                                                      "norm groups).")
+    width: float = Field(0.5, gt=0, le=1, description="Share of the channels each VAE stage keeps (rounded to a "
+                                                      "multiple of the norm groups).")
     layers_per_block: int | None = Field(None, ge=1, description="Resnets per stage (default: the teacher's).")
+    norm_groups: int | None = Field(
+        None, ge=1, description="Groups of every GroupNorm (default: the teacher's, 32 in SD). Each stage keeps a "
+                                "multiple of it; a narrow one needs fewer groups, with several channels each: a group "
+                                "of one channel normalises away that channel's mean, its colour.")
     steps: int = Field(1000, ge=1, description="Optimiser steps.")
     batch: int = Field(32, ge=1, description="Images per step.")
     lr: float = Field(5e-4, gt=0, description="Learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Steps of linear learning-rate warm-up.")
     data: str = Field("scenes", description="'scenes', 'openmoji', or a folder of images with metadata.jsonl.")
+    samples: int = Field(0, ge=0, description="Also distil the decoder on this many of the pipeline's own samples of "
+                                              "training captions, the latents it decodes in use (a one-step "
+                                              "student's lie off the encoder's); sampled once, cached; each step "
+                                              "then takes half its batch from them.")
+    sample_steps: int = Field(25, ge=1, description="Sampling steps of those samples: 1 for a one-step student.")
+    sample_guidance: float = Field(7.5, ge=0, description="Guidance of those samples.")
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints a killed run resumes from.")
 
 
-def slim_config(teacher: dict, width: float, layers_per_block: int | None) -> dict:
-    """The teacher VAE's config with `width` of its channels (multiples of the norm groups) and fewer layers."""
-    groups = teacher.get("norm_num_groups", 32)
+def slim_config(teacher: dict, width: float, layers_per_block: int | None, norm_groups: int | None = None) -> dict:
+    """The teacher VAE's config with `width` of its channels (multiples of the norm groups, the teacher's or
+    `norm_groups`) and fewer layers."""
+    groups = norm_groups or teacher.get("norm_num_groups", 32)
     config = {k: v for k, v in teacher.items() if not k.startswith("_")}
     config["block_out_channels"] = [max(groups, round(c * width / groups) * groups) for c in teacher["block_out_channels"]]
     config["layers_per_block"] = layers_per_block or teacher["layers_per_block"]
+    config["norm_num_groups"] = groups
     return config
 
 
@@ -67,33 +79,52 @@ def fidelity(teacher, student, images: torch.Tensor, batch: int = 64) -> dict:
             for name, v in pairs.items()}
 
 
+def own_samples(pipe, ref: modelio.ModelRef, captions: list[str], config: SlimVAEConfig, processes) -> torch.Tensor:
+    """The pipeline's own unscaled latents for the first `config.samples` captions, as it generates them."""
+    with processes.main_process_first():  # one process samples the cache, the others read it
+        return latent_data.teacher_latents(pipe, ref.path, captions[:config.samples], config.sample_steps,
+                                           config.sample_guidance, config.seed).mean
+
+
 def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=print) -> dict:
     """Distil a slim VAE from `ref`'s; write the pipeline with it and `vae_report.json` to `out`."""
     from accelerate import PartialState
     from diffusers import AutoencoderKL
 
     out, processes = Path(out), PartialState()
-    if ref.kind != "pipeline" or ref.random_weights:
-        raise UserError(f"{ref.path}: slim VAE distillation needs a pipeline folder with weights")
+    modelio.require_trained_pipeline(ref, "slim VAE distillation")
     pipe = modelio.load_pipeline(ref)
     teacher = pipe.vae.eval().requires_grad_(False)
     torch.manual_seed(config.seed)
-    student = AutoencoderKL.from_config(slim_config(dict(teacher.config), config.width, config.layers_per_block))
+    student = AutoencoderKL.from_config(slim_config(dict(teacher.config), config.width, config.layers_per_block,
+                                                    config.norm_groups))
     resolution = pipe.unet.config.sample_size * modelio.vae_scale_factor(ref)
-    images, _ = latent_data.image_set(config.data, resolution)
+    images, captions = latent_data.image_set(config.data, resolution)
     if config.data in ("scenes", "openmoji"):
         held_out = latent_data.held_out_images(config.data, resolution)
     elif len(images) < 2:
         raise UserError(f"{config.data}: at least 2 images are needed (one in ten is held out for the figures)")
     else:
         images, held_out = images[:-max(1, len(images) // 10)], images[-max(1, len(images) // 10):]
-    pick = epoch_batches(len(images), min(config.batch, len(images)), config.seed)
+    generated = own_samples(pipe, ref, captions, config, processes) if config.samples else None
+    image_batch = config.batch if generated is None else max(1, config.batch // 2)
+    pick = epoch_batches(len(images), min(image_batch, len(images)), config.seed)
+    if generated is not None:
+        pick_generated = epoch_batches(len(generated), min(max(1, config.batch - image_batch), len(generated)),
+                                       config.seed + 1)
+
+    def batch_for(step: int) -> dict:
+        if generated is None:
+            return {"x": images[pick(step)]}
+        return {"x": images[pick(step)], "z": generated[pick_generated(step)]}
 
     def loss_fn(batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         x = batch["x"]
         with torch.no_grad():
             posterior = teacher.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=x.device)
+            if "z" in batch:
+                z = torch.cat([z, batch["z"]])
             target = teacher.decode(z).sample
         decoded = student.decode(z).sample.float()
         own = student.encode(x).latent_dist
@@ -105,7 +136,7 @@ def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=pri
     train_config = config.train_config(config.steps, config.lr)
     identity = {"teacher": hash_model_folder(ref.path), "config": config.model_dump()}
     began = time.perf_counter()
-    trainer = Trainer(student, loss_fn, lambda step: {"x": images[pick(step)]}, train_config, out, "slim vae", identity)
+    trainer = Trainer(student, loss_fn, batch_for, train_config, out, "slim vae", identity)
     teacher.to(trainer.accelerator.device)
     trainer.run()
     student.load_state_dict(trainer.ema_state_dict())
@@ -113,6 +144,7 @@ def distill_vae(ref: modelio.ModelRef, config: SlimVAEConfig, out: Path, log=pri
     teacher.to("cpu")
     report = {"teacher": str(ref.path.resolve()), "config": config.model_dump(),
               "wall_time_s": round(time.perf_counter() - began, 1), "held_out_images": len(held_out),
+              "own_samples": 0 if generated is None else len(generated),
               **fidelity(teacher, student, held_out)}
     if processes.is_main_process:
         modelio.save_pipeline_with(ref.path, out, "vae", student)

@@ -72,5 +72,5 @@ def test_ode_refusals(tiny_pipeline, sd15_unet_folder, image_folder, tmp_path):
     with pytest.raises(ValueError, match="prediction is a progressive and ode setting"):
         StepDistillConfig(method="dmd", prediction="sample")
     config = StepDistillConfig(method="ode", teacher=str(sd15_unet_folder), steps=1, data=str(image_folder))
-    with pytest.raises(UserError, match="must be a pipeline folder with weights"):
+    with pytest.raises(UserError, match="the ode teacher needs a pipeline folder with weights"):
         distill_steps(modelio.open_model(tiny_pipeline), config, tmp_path / "x")

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL
 
 from pocketdiff import modelio
 from pocketdiff.apps.evaluate import load_judge
@@ -40,8 +41,6 @@ SD15_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "
 
 
 def decoder_macs(config: dict, latent: int) -> int:
-    from diffusers import AutoencoderKL
-
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(config)
         z = torch.randn(1, 4, latent, latent)
@@ -86,18 +85,19 @@ def main() -> None:
     latent, judge = teacher_pipe.unet.config.sample_size, load_judge("default")
     rows = {"teacher": {"vae": teacher_pipe.vae, "channels": list(teacher_pipe.vae.config.block_out_channels),
                         "groups": teacher_pipe.vae.config.norm_num_groups}}
+    sd15_before = decoder_macs(SD15_VAE, 64)
     for entry in args.widths.split(","):
         width, groups = entry.split(":")
         config = SlimVAEConfig(width=float(width), norm_groups=int(groups), layers_per_block=args.layers_per_block,
                                steps=args.steps, lr=args.lr)
         report = distill_vae(ref, config, work / f"width-{width}-groups-{groups}", log=lambda _: None)
-        vae = modelio.load_pipeline(modelio.open_model(work / f"width-{width}-groups-{groups}")).vae
+        vae = AutoencoderKL.from_pretrained(work / f"width-{width}-groups-{groups}" / "vae")
         sd15 = decoder_macs(slim_config(SD15_VAE, float(width), args.layers_per_block, int(groups)), 64)
         rows[f"width {width}, {groups} groups"] = {
             "vae": vae, "channels": list(vae.config.block_out_channels), "groups": int(groups), "report": report,
             "macs": report["vae_decoder_macs_after"] / report["vae_decoder_macs_before"],
             "params": report["vae_decoder_params_after"] / report["vae_decoder_params_before"],
-            "sd15_macs": sd15 / decoder_macs(SD15_VAE, 64)}
+            "sd15_macs": sd15 / sd15_before}
     timers = {name: DecoderTimer(row["vae"], latent) for name, row in rows.items()}
     for _ in range(args.rounds):
         for timer in timers.values():

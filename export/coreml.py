@@ -46,6 +46,7 @@ from ..errors import UserError
 from . import unet_chunks
 from ..stockformat import write_vocab_and_merges
 from ..compress.unet_graph import UNet
+from ..distill.diffusion import x0_and_eps
 from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
 from .protocol import ExportFormat
 from .runtime import guidance_embedding
@@ -112,10 +113,7 @@ class AsEpsilon(torch.nn.Module):
         self.register_buffer("alphas", alphas_cumprod.float())
 
     def forward(self, output, sample, timestep):
-        a = self.alphas[timestep.long()].view(-1, 1, 1, 1)
-        if self.prediction == "sample":
-            return (sample - a.sqrt() * output) / (1 - a).sqrt()
-        return a.sqrt() * output + (1 - a).sqrt() * sample
+        return x0_and_eps(output, sample, self.alphas[timestep.long()], self.prediction)[1]
 
 
 def as_epsilon(pipe) -> AsEpsilon | None:

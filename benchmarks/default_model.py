@@ -1,6 +1,6 @@
 """Figures of the embedded default: the judge on renders and VAE reconstructions, the teacher per steps.
 
-    python benchmarks/default_model.py [--model default] [--per-family 32] [--student RUN/09-quantize] [--out docs/]
+    python benchmarks/default_model.py [--model default] [--per-family 32] [--student RUN/11-quantize] [--out docs/]
 
 Prints Markdown tables (and writes JSON under --out): GenEval-style pass rates per family and
 overall (the mean of the families) on the in-distribution and held-out prompt splits, for the

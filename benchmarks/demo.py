@@ -2,7 +2,7 @@
 
     python benchmarks/demo.py EXPORT [--prompts "a red circle,two crosses,a triangle above a square"] [--runs 5] [--ep wasm|webgpu]
 
-EXPORT is an ONNX export of a few-step student (the quickstart's `runs/quickstart/11-export`).
+EXPORT is an ONNX export of a few-step student (the quickstart's `runs/quickstart/13-export`).
 The page is served as `pocketdiff serve-demo` serves it and driven in headless Chromium; per prompt
 it generates `--runs` images (1 step) and keeps the page's own latency per image (text encoder,
 UNet and VAE decoder in onnxruntime-web). The Python ONNX pipeline (onnxruntime, this CPU) makes

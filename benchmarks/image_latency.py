@@ -1,6 +1,6 @@
 """Whole-image latency in one runtime: the teacher at 25 guided steps against few-step students, per component.
 
-    python benchmarks/image_latency.py --students runs/quickstart/09-quantize [--model default]
+    python benchmarks/image_latency.py --students runs/quickstart/11-quantize [--model default]
                                        [--runtime executorch] [--student-steps 1] [--per-family 16]
                                        [--runs 20] [--rounds 5] [--sd15-text-encoder] [--work DIR] [--json F]
 

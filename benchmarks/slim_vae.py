@@ -90,8 +90,9 @@ def main() -> None:
         width, groups = entry.split(":")
         config = SlimVAEConfig(width=float(width), norm_groups=int(groups), layers_per_block=args.layers_per_block,
                                steps=args.steps, lr=args.lr)
-        report = distill_vae(ref, config, work / f"width-{width}-groups-{groups}", log=lambda _: None)
-        vae = AutoencoderKL.from_pretrained(work / f"width-{width}-groups-{groups}" / "vae")
+        folder = work / f"width-{width}-groups-{groups}"
+        report = distill_vae(ref, config, folder, log=lambda _: None)
+        vae = AutoencoderKL.from_pretrained(folder / "vae")
         sd15 = decoder_macs(slim_config(SD15_VAE, float(width), args.layers_per_block, int(groups)), 64)
         rows[f"width {width}, {groups} groups"] = {
             "vae": vae, "channels": list(vae.config.block_out_channels), "groups": int(groups), "report": report,
@@ -110,8 +111,8 @@ def main() -> None:
             row[who] = evaluate_model(pipe, judge, evaluation, seed=0, log=lambda _: None)[
                 f"in_distribution/steps={steps}/guidance=7.5"]
 
-    print(f"{args.model}: {args.layers_per_block} layer(s) per block, {args.steps} steps × batch 32 at lr {args.lr}, "
-          f"on {torch.get_num_threads()} CPU threads; {args.per_family} prompts per family\n")
+    print(f"{args.model}: {args.layers_per_block} layer(s) per block, {args.steps} steps × batch {config.batch} at lr "
+          f"{args.lr}, on {torch.get_num_threads()} CPU threads; {args.per_family} prompts per family\n")
     header = "| decoder | channels | groups | params | MACs | ExecuTorch ms | eager ms | PSNR vs teacher | recon PSNR |"
     header += " teacher 25 steps |" + (" student 1 step |" if student_pipe else "") + " SD-1.5 MACs |"
     print(header)

@@ -5,8 +5,10 @@
                                        [--runs 20] [--rounds 5] [--sd15-text-encoder] [--work DIR] [--json F]
 
 Each model is exported to the runtime (`pocketdiff export`: a student quantized for it ships its int8
-UNet), each student a second time with `--text-encoder-int8`, and every export runs through the
-torch-free `ExportedPipeline`. Per model, measured in this run on this host, in `--rounds` rounds
+UNet), each student a second time with `--text-encoder-int8` and a third time without its text encoder
+(`--prompt-embeddings`: the states of the scored prompts ship as a table, as an app with a fixed prompt
+set does; its text encoder column reads "table"), and every export runs through the torch-free
+`ExportedPipeline`. Per model, measured in this run on this host, in `--rounds` rounds
 in which the models take turns (the host's speed drifts by up to 2× for minutes): of `--runs`
 images, the fastest end to end, and the least each component took within an image (text encoder,
 every UNet call together, VAE decoder), each the least over the rounds; the teacher's time over each model's (and its range over the rounds); the GenEval-style score of the exported pipeline's own images
@@ -37,13 +39,25 @@ from pocketdiff.export.parity import ParityThresholds
 from pocketdiff.export.runtime import ExportedPipeline
 
 
-def exported(model: str, runtime: str, folder: Path, text_encoder_int8: bool) -> tuple[ExportedPipeline, float]:
+TIMED_PROMPT = "a red circle"
+
+
+def exported(model: str, runtime: str, folder: Path, variant: str, prompts: list[str]) -> tuple[ExportedPipeline, float]:
     """The model's export to `runtime` in `folder` (kept between runs), loaded as a pipeline, and its image PSNR
-    against PyTorch. The image limit is lowered to 20 dB: here the judge's score is the quality measure."""
+    against PyTorch. `variant`: "" as exported by default, "text encoder int8", or "fixed prompts" (no text
+    encoder: the states of `prompts` ship as a table). The image limit is lowered to 20 dB: here the judge's
+    score is the quality measure."""
     report = folder / runtime / "parity.json"
     if not report.exists():
-        config = ExportConfig(to=[runtime], components=["text_encoder", "unet", "vae_decoder"],
-                              text_encoder_int8=text_encoder_int8, thresholds=ParityThresholds(psnr_int8=20.0))
+        components, table = ["text_encoder", "unet", "vae_decoder"], None
+        if variant == "fixed prompts":
+            folder.mkdir(parents=True, exist_ok=True)
+            table = folder / "prompts.txt"
+            table.write_text("\n".join(dict.fromkeys([TIMED_PROMPT, *prompts])) + "\n")
+            components = ["unet", "vae_decoder"]
+        config = ExportConfig(to=[runtime], components=components, text_encoder_int8=variant == "text encoder int8",
+                              prompt_embeddings=str(table) if table else None,
+                              thresholds=ParityThresholds(psnr_int8=20.0))
         export_model(modelio.open_model(model), config, folder, log=lambda _: None)
     return ExportedPipeline(folder / runtime, runtime), json.loads(report.read_text())["image_psnr"]
 
@@ -81,7 +95,7 @@ def image_costs(pipe: ExportedPipeline, spent: dict, steps: int, guidance: float
 
     def one_image():
         spent.clear()
-        pipe(["a red circle"], steps, guidance)
+        pipe([TIMED_PROMPT], steps, guidance)
         parts.append(dict(spent))
 
     image_ms = call_times(one_image, runs, warmup=3)
@@ -126,13 +140,14 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="image-latency-"))
     judge, prompts = load_judge("default"), prompt_set("in_distribution", args.per_family)
-    models = [("teacher", args.model, 25, False)]
+    models = [("teacher", args.model, 25, "")]
     for i, student in enumerate(args.students.split(",")):
-        models += [(f"student {i + 1}", student, args.student_steps, False),
-                   (f"student {i + 1}, text encoder int8", student, args.student_steps, True)]
+        models += [(f"student {i + 1}{', ' + variant if variant else ''}", student, args.student_steps, variant)
+                   for variant in ("", "text encoder int8", "fixed prompts")]
     rows, pipes = {}, {}
-    for name, model, steps, text_int8 in models:
-        pipe, psnr = exported(model, args.runtime, work / name.replace(" ", "-").replace(",", ""), text_int8)
+    for name, model, steps, variant in models:
+        pipe, psnr = exported(model, args.runtime, work / name.replace(" ", "-").replace(",", ""), variant,
+                              prompts.captions)
         pipes[name] = timed(pipe)
         images = pipe(prompts.captions, steps, 7.5)
         rows[name] = {"model": model, "steps": steps, "score": headline(score(judge, images, prompts)),
@@ -150,7 +165,8 @@ def main() -> None:
     print("| --- " * 10 + "|")
     for name, row in rows.items():
         per_round = [t["image_ms"] / r["image_ms"] for t, r in zip(teacher["rounds"], row["rounds"])]
-        print(f"| {name} | {row['steps']} | {row['text_encoder_ms']:.2f} | {row['unet_ms']:.2f} | "
+        text_ms = f"{row['text_encoder_ms']:.2f}" if "text_encoder_ms" in row else "table"
+        print(f"| {name} | {row['steps']} | {text_ms} | {row['unet_ms']:.2f} | "
               f"{row['vae_decoder_ms']:.2f} | {row['image_ms']:.2f} | {teacher['image_ms'] / row['image_ms']:.1f}× "
               f"({min(per_round):.1f}–{max(per_round):.1f}×) | {row['score']:.3f} | "
               f"{row['score'] / max(teacher['score'], 1e-9):.2f} | {row['image_psnr']:.1f} dB |")

@@ -91,8 +91,12 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-def unet_component(unet, latent_size: int, batch: int = 2, tokens: int = 77) -> Component:
+def unet_component(unet, latent_size: int, batch: int | None = None, tokens: int = 77) -> Component:
+    """The UNet's wrapper with example inputs at `batch`, by default the batch one sampling step calls it with
+    (`modelio.unet_batch`: 1 for a student with guidance embedded). Formats with static shapes (ExecuTorch, int8
+    ONNX) trace at it, so a student's program does not compute a padded second sample on every call."""
     config = dict(unet.config)
+    batch = batch or modelio.unet_batch(config)
     generator = torch.Generator().manual_seed(EXAMPLE_SEED)
     example = modelio.unet_example_inputs(config, latent_size, batch, tokens, generator=generator)
     inputs = {"sample": example["sample"], "timestep": torch.tensor(501.0),

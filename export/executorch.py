@@ -2,8 +2,9 @@
 
 ExecuTorch's staged lowering as its docs teach it: `torch.export` → `to_edge_transform_and_lower`
 with the partitioners asked for → `to_executorch`. Programs have static shapes (what XNNPACK
-plans memory for): the UNet is traced at batch 2, the classifier-free-guidance batch, and our
-runner pads a batch-1 call. `io.json` beside each program records input order, shapes and output
+plans memory for): the UNet is traced at the batch a sampling step calls it with (2 for a
+classifier-free-guidance pair, 1 for a student with guidance embedded), and our runner pads or
+splits any other batch. `io.json` beside each program records input order, shapes and output
 names, which a `.pte` does not carry. int8 is PT2E post-training quantization with ExecuTorch's
 XNNPACK quantizer, calibrated on inputs recorded from the PyTorch pipeline's own sampling.
 

@@ -9,7 +9,7 @@ over 2 GB keep their weights in `model.onnx.data`. fp16 stores weights and compu
 precision with fp32 inputs and outputs, so callers need not change. int8 is the UNet that
 `pocketdiff quantize --backend onnx-int8` trained, written as QuantizeLinear/DequantizeLinear
 pairs that onnxruntime fuses into its int8 kernels; like an ExecuTorch program, that graph has the
-fixed shapes it was traced at (batch 2, the model's latent size). A `brevitas-w4a8` UNet is
+fixed shapes it was traced at (a sampling step's batch, the model's latent size). A `brevitas-w4a8` UNet is
 written by brevitas as QCDQ (QuantizeLinear → Clip → DequantizeLinear), also at fixed shapes.
 `--text-encoder-int8` writes the text encoder as onnxruntime's own dynamic quantization makes it
 (int8 MatMul weights, activations quantized per call), dynamic axes kept.

@@ -61,6 +61,8 @@ def test_quickstart_recipe_runs_and_resumes(tmp_path, compat_python):
     assert json.loads((export / "onnx" / "unet" / "config.json").read_text())["time_cond_proj_dim"]
     report = json.loads((export / "export_report.json").read_text())
     assert report["executorch"]["components"]["unet"]["quantization"] == "saved: xnnpack int8, QAT, conv+linear"
+    program = json.loads((export / "executorch" / "unet" / "io.json").read_text())
+    assert program["shapes"]["sample"][0] == 1  # guidance embedded: one sample a call, no padded pair to compute
     assert report["onnx"]["components"]["unet"]["precision"] == "fp32"
     for name in ("TextEncoder", "Unet", "VAEDecoder"):  # Apple's Swift package layout
         assert (export / "coreml" / "Resources" / f"{name}.mlpackage").is_dir()

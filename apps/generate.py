@@ -28,8 +28,9 @@ def generate_images(pipe, prompts: list[str], steps: int, guidance: float, seed:
 
     outputs = []
     callback = {"callback_on_step_end": lambda _pipe, _i, _t, kwargs: on_step() or kwargs} if on_step else {}
-    if prompts:  # as many chunks as before, sizes within one: an int8 UNet builds a graph per batch shape
-        batch = -(-len(prompts) // -(-len(prompts) // batch))
+    if prompts:  # as many chunks as `batch` makes, sizes within one: an int8 UNet builds a graph per batch shape
+        chunks = -(-len(prompts) // batch)
+        batch = -(-len(prompts) // chunks)
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]

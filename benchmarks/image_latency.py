@@ -53,7 +53,7 @@ def exported(model: str, runtime: str, folder: Path, variant: str, prompts: list
         if variant == "fixed prompts":
             folder.mkdir(parents=True, exist_ok=True)
             table = folder / "prompts.txt"
-            table.write_text("\n".join(dict.fromkeys([TIMED_PROMPT, *prompts])) + "\n")
+            table.write_text("\n".join([TIMED_PROMPT, *prompts]) + "\n")  # the table drops repeats
             components = ["unet", "vae_decoder"]
         config = ExportConfig(to=[runtime], components=components, text_encoder_int8=variant == "text encoder int8",
                               prompt_embeddings=str(table) if table else None,

@@ -314,9 +314,7 @@ def profile_torch(ref, component: str, runs: int, warmup: int, batch: int | None
         torch.set_num_threads(threads)
     with _PeakMemory() as memory:
         if component == "unet":
-            config = modelio.unet_config(ref)
-            batch = batch or modelio.unet_batch(config)
-            wrapped = unet_component(modelio.load_unet(ref), config["sample_size"], batch)
+            wrapped = unet_component(modelio.load_unet(ref), modelio.unet_config(ref)["sample_size"], batch)
         else:
             if ref.kind != "pipeline":
                 raise UserError(f"{ref.path}: a bare UNet folder has no {component}")

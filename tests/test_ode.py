@@ -40,7 +40,8 @@ def _one_step_error(folder, pairs) -> float:
 
 
 def test_pruned_student_learns_its_teachers_samples_in_one_step(image_folder, tmp_path):
-    """The quickstart's case: the default pruned to bk-small learns the unpruned default's guided samples."""
+    """The quickstart's case (whose student also drops the outer stage's transformers): the default pruned to
+    bk-small learns the unpruned default's guided samples."""
     teacher, student = modelio.open_model("default").path, tmp_path / "bk-small"
     prune_preset(modelio.open_model(teacher), "bk-small", student)
     out = tmp_path / "ode"

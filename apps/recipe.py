@@ -72,6 +72,11 @@ def _line_of(root: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
+def _message(error: dict) -> str:
+    """pydantic's message, with how to write a list where one was wanted (`--set` values are YAML too)."""
+    return error["msg"] + (" (in YAML and in --set: [a, b])" if error["type"] == "list_type" else "")
+
+
 def _describe(errors: list[tuple[tuple, str]], root: yaml.Node | None, source: str) -> str:
     parts = []
     for loc, message in errors:
@@ -118,7 +123,7 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] = ()) -
     try:
         header = RecipeHeader.model_validate(raw)
     except ValidationError as err:
-        raise UserError(_describe([(e["loc"], e["msg"]) for e in err.errors()], root, source)) from None
+        raise UserError(_describe([(e["loc"], _message(e)) for e in err.errors()], root, source)) from None
     stages, errors = [], []
     for index, entry in enumerate(header.stages):
         if len(entry) != 1:
@@ -132,7 +137,7 @@ def parse_recipe(text: str, source: str = "recipe", overrides: list[str] = ()) -
         try:
             stages.append(StageSpec(name, STAGES[name].config.model_validate(body or {})))
         except ValidationError as err:
-            errors.extend(((("stages", index, name) + tuple(e["loc"])), e["msg"]) for e in err.errors())
+            errors.extend(((("stages", index, name) + tuple(e["loc"])), _message(e)) for e in err.errors())
     if errors:
         raise UserError(_describe(errors, root, source))
     return Recipe(header.name, header.model, header.seed, stages, source)

@@ -66,6 +66,9 @@ def test_overrides_set_stage_fields_and_top_level():
         parse_recipe(GOOD, "demo.yaml", ["prune.target=0.5"])
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         parse_recipe(GOOD, "demo.yaml", ["seed"])
+    with pytest.raises(UserError, match=r"demo.yaml:\d+: stages.1.evaluate.guidance: Input should be a valid list "
+                                         r"\(in YAML and in --set: \[a, b\]\)"):
+        parse_recipe(GOOD, "demo.yaml", ["evaluate.guidance=1.0,3.0"])
 
 
 def test_shipped_recipes_parse():

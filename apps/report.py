@@ -23,6 +23,7 @@ from ..compress.saved import load_shipped_pipeline
 from ..macs import census_model
 from ..distill import scenes
 from ..errors import UserError
+from ..export.parity import IMAGE_CHECKS
 from ..charts import latency_chart, quality_chart
 from .page import Details, Figure, Section, Table, write_page
 from .evaluate import details, headline
@@ -105,7 +106,8 @@ def _headline(record: StageRecord) -> str:
     if stage == "evaluate":
         return "; ".join(f"{key}: {headline(value):.3f}" for key, value in m.items() if SETTING.match(key))
     if stage == "export":
-        psnr = [f"{k.split('/')[0]} image {v:.1f} dB" for k, v in m.items() if k.endswith("image_psnr")]
+        psnr = [f"{k.split('/')[0]}{' one-step program' if 'one_step' in k else ''} image {v:.1f} dB"
+                for k, v in m.items() if k.endswith("image_psnr")]
         worst = max((v for k, v in m.items() if k.endswith("max_abs")), default=None)
         return ", ".join(psnr + ([f"worst max-abs {worst:.2e}"] if worst is not None else []))
     if stage == "profile":
@@ -257,9 +259,10 @@ def _parity_section(records: list[StageRecord]) -> Section:
                 rows.append([f"{fmt} {name}", entry["precision"], round(entry["bytes"] / 1e6, 2),
                              entry.get("max_abs"), entry.get("rel"), entry.get("export_seconds"),
                              entry.get("numeric", "")])
-            if "image_psnr" in report:
-                rows.append([f"{fmt} end to end", report["precision"], None, None, None, None,
-                             f"image PSNR {report['image_psnr']:.1f} dB vs PyTorch"])
+            for key, what in IMAGE_CHECKS.items():
+                if key in report:
+                    rows.append([f"{fmt} {what}", report["precision"], None, None, None, None,
+                                 f"image PSNR {report[key]:.1f} dB vs PyTorch"])
     return Section("Exported files and parity", [Table(
         ["file", "precision", "MB", "max-abs vs PyTorch", "relative", "export s", "note"], rows)] if rows else [])
 

@@ -25,6 +25,7 @@ from ..distill.step_common import StepDistillConfig
 from ..distill.text_encoder import SlimTextEncoderConfig
 from ..distill.vae import SlimVAEConfig
 from ..export.exporter import ExportConfig
+from ..export.parity import IMAGE_CHECKS
 from ..errors import UserError
 from ..progress import progress_bar
 from .configs import EvaluateConfig, GenerateConfig, StageConfig
@@ -224,8 +225,9 @@ def run_export(config: ExportConfig, ctx: StageContext) -> StageResult:
             metrics[f"{fmt}/{name}/bytes"] = entry["bytes"]
             if "max_abs" in entry:
                 metrics[f"{fmt}/{name}/max_abs"] = entry["max_abs"]
-        if "image_psnr" in report:
-            metrics[f"{fmt}/image_psnr"] = report["image_psnr"]
+        for key in IMAGE_CHECKS:
+            if key in report:
+                metrics[f"{fmt}/{key}"] = report[key]
     return StageResult(metrics)
 
 

@@ -5,16 +5,19 @@
                                        [--runs 20] [--rounds 5] [--sd15-text-encoder] [--work DIR] [--json F]
 
 Each model is exported to the runtime (`pocketdiff export`: a student quantized for it ships its int8
-UNet), each student a second time with `--text-encoder-int8` and a third time without its text encoder
+UNet), each student a second time with `--text-encoder-int8`, a third time without its text encoder
 (`--prompt-embeddings`: the states of the scored prompts ship as a table, as an app with a fixed prompt
-set does; its text encoder column reads "table"), and every export runs through the torch-free
-`ExportedPipeline`. Per model, measured in this run on this host, in `--rounds` rounds
-in which the models take turns (the host's speed drifts by up to 2× for minutes): of `--runs`
-images, the fastest end to end, and the least each component took within an image (text encoder,
-every UNet call together, VAE decoder), each the least over the rounds; the teacher's time over each model's (and its range over the rounds); the GenEval-style score of the exported pipeline's own images
-(in-distribution prompts, seeds 0+i, guidance 7.5); and the export's image PSNR against PyTorch
-(its end-to-end check, whose int8 limit is lowered to 20 dB here so that every row is measured). `--sd15-text-encoder` adds SD-1.5's text
-encoder architecture (random weights, 77 tokens) in fp32 and int8 in onnxruntime and ExecuTorch:
+set does; its text encoder column reads "table"), and at one step twice more with its UNet, sampler step
+and decoder as one program (`--components one_step`), with its text encoder and with the table; every
+export runs through the torch-free `ExportedPipeline`. Per model, measured in this run on this host, in
+`--rounds` rounds in which the models take turns (the host's speed drifts by up to 2× for minutes): of
+`--runs` images, the fastest end to end, and the least each component took within an image (text
+encoder, every UNet call together, VAE decoder, or the one program), each the least over the rounds;
+the teacher's time over each model's (and its range over the rounds); the GenEval-style score of the
+exported pipeline's own images (in-distribution prompts, seeds 0+i, guidance 7.5); and the export's
+image PSNR against PyTorch (its end-to-end check, whose int8 limit is lowered to 20 dB here so that every
+row is measured). `--sd15-text-encoder` adds SD-1.5's text encoder architecture (random weights, 77
+tokens) in fp32 and int8 in onnxruntime and ExecuTorch:
 latency, file size and relative error of its states.
 """
 
@@ -44,22 +47,26 @@ TIMED_PROMPT = "a red circle"
 
 def exported(model: str, runtime: str, folder: Path, variant: str, prompts: list[str]) -> tuple[ExportedPipeline, float]:
     """The model's export to `runtime` in `folder` (kept between runs), loaded as a pipeline, and its image PSNR
-    against PyTorch. `variant`: "" as exported by default, "text encoder int8", or "fixed prompts" (no text
-    encoder: the states of `prompts` ship as a table). The image limit is lowered to 20 dB: here the judge's
-    score is the quality measure."""
+    against PyTorch. `variant`: "" as exported by default, "text encoder int8", "fixed prompts" (no text
+    encoder: the states of `prompts` ship as a table), "one program" (the one-step program instead of the
+    UNet and decoder), or the last two together. The image limit is lowered to 20 dB: here the judge's score
+    is the quality measure."""
     report = folder / runtime / "parity.json"
     if not report.exists():
-        components, table = ["text_encoder", "unet", "vae_decoder"], None
-        if variant == "fixed prompts":
+        table = None
+        components = ["one_step"] if "one program" in variant else ["unet", "vae_decoder"]
+        if "fixed prompts" in variant:
             folder.mkdir(parents=True, exist_ok=True)
             table = folder / "prompts.txt"
             table.write_text("\n".join([TIMED_PROMPT, *prompts]) + "\n")  # the table drops repeats
-            components = ["unet", "vae_decoder"]
+        else:
+            components.insert(0, "text_encoder")
         config = ExportConfig(to=[runtime], components=components, text_encoder_int8=variant == "text encoder int8",
                               prompt_embeddings=str(table) if table else None,
                               thresholds=ParityThresholds(psnr_int8=20.0))
         export_model(modelio.open_model(model), config, folder, log=lambda _: None)
-    return ExportedPipeline(folder / runtime, runtime), json.loads(report.read_text())["image_psnr"]
+    checked = json.loads(report.read_text())
+    return ExportedPipeline(folder / runtime, runtime), checked.get("image_psnr", checked.get("one_step_image_psnr"))
 
 
 class Timed:
@@ -79,12 +86,13 @@ class Timed:
 
 
 def timed(pipe: ExportedPipeline) -> tuple[ExportedPipeline, dict]:
-    """`pipe` with its text encoder(s), UNet and decoder timed into the returned dict."""
+    """`pipe` with its text encoder(s), UNet and decoder (or its one-step program) timed into the returned dict."""
     spent: dict[str, float] = {}
     pipe.encoders = [(tokenizer, Timed(encoder, "text_encoder_ms", spent), config)
                      for tokenizer, encoder, config in pipe.encoders]
-    pipe.unet = Timed(pipe.unet, "unet_ms", spent)
-    pipe.vae_decoder = Timed(pipe.vae_decoder, "vae_decoder_ms", spent)
+    for name in ("unet", "vae_decoder", "one_step"):
+        if getattr(pipe, name) is not None:
+            setattr(pipe, name, Timed(getattr(pipe, name), f"{name}_ms", spent))
     return pipe, spent
 
 
@@ -143,7 +151,8 @@ def main() -> None:
     models = [("teacher", args.model, 25, "")]
     for i, student in enumerate(args.students.split(",")):
         models += [(f"student {i + 1}{', ' + variant if variant else ''}", student, args.student_steps, variant)
-                   for variant in ("", "text encoder int8", "fixed prompts")]
+                   for variant in ("", "text encoder int8", "fixed prompts") + (
+                       ("one program", "fixed prompts, one program") if args.student_steps == 1 else ())]
     rows, pipes = {}, {}
     for name, model, steps, variant in models:
         pipe, psnr = exported(model, args.runtime, work / name.replace(" ", "-").replace(",", ""), variant,
@@ -166,9 +175,10 @@ def main() -> None:
     for name, row in rows.items():
         per_round = [t["image_ms"] / r["image_ms"] for t, r in zip(teacher["rounds"], row["rounds"])]
         text_ms = f"{row['text_encoder_ms']:.2f}" if "text_encoder_ms" in row else "table"
-        print(f"| {name} | {row['steps']} | {text_ms} | {row['unet_ms']:.2f} | "
-              f"{row['vae_decoder_ms']:.2f} | {row['image_ms']:.2f} | {teacher['image_ms'] / row['image_ms']:.1f}× "
-              f"({min(per_round):.1f}–{max(per_round):.1f}×) | {row['score']:.3f} | "
+        unet_ms, decoder_ms = ((f"{row['unet_ms']:.2f}", f"{row['vae_decoder_ms']:.2f}") if "unet_ms" in row else
+                               (f"{row['one_step_ms']:.2f} with the decoder (one program)", "in the UNet's program"))
+        print(f"| {name} | {row['steps']} | {text_ms} | {unet_ms} | {decoder_ms} | {row['image_ms']:.2f} | "
+              f"{teacher['image_ms'] / row['image_ms']:.1f}× ({min(per_round):.1f}–{max(per_round):.1f}×) | {row['score']:.3f} | "
               f"{row['score'] / max(teacher['score'], 1e-9):.2f} | {row['image_psnr']:.1f} dB |")
     if args.sd15_text_encoder:
         rows["sd15_text_encoder"] = sd15_text_encoder(args.runtime, work, args.runs)

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import modelio
 from ..charts import profile_chart
@@ -31,13 +31,20 @@ class ProfileConfig(BaseModel):
     backend: Literal["onnxruntime", "executorch", "coreml", "torch"] = Field(
         "onnxruntime", description="The runtime that times it (coreml on macOS; torch: a model folder in eager).")
     device: str = Field("host-cpu", description="Device profile: host-cpu, host-gpu, or a phone (over adb / a Mac).")
-    components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"]] = Field(
-        default_factory=lambda: ["unet"], min_length=1, description="The components timed.")
+    components: list[Literal["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder", "one_step"]] = Field(
+        default_factory=lambda: ["unet"], min_length=1,
+        description="The components timed (one_step: a one-step student's UNet, step and decoder as one program).")
     runs: int = Field(20, ge=1, description="Timed runs.")
     warmup: int = Field(3, ge=0, description="Untimed runs first.")
     batch: int | None = Field(None, ge=1, description="Batch per call (default: what the pipeline feeds).")
     threads: int | None = Field(None, ge=1, description="Runtime threads (default: the runtime's).")
     runner: Path | None = Field(None, description="Phone: the runtime's benchmark binary to push.")
+
+    @model_validator(mode="after")
+    def one_step_is_not_core_ml(self):
+        if self.backend == "coreml" and "one_step" in self.components:
+            raise ValueError("one_step is not a Core ML component (Swift calls the UNet and the decoder apart)")
+        return self
 
 
 def component_file(target: Path, backend: str, component: str) -> Path:
@@ -122,7 +129,8 @@ def profile(target: Path | str, config: ProfileConfig, log=print) -> dict:
                                     config.batch, config.threads)
             entry = measured.to_json()
             folder = _config_folder(target, file, config.backend, component)
-            if device.kind == "host" and (folder / "config.json").exists():  # a Core ML package carries no config
+            # a Core ML package carries no config; the one-step program's ops are two models' (no roofline)
+            if device.kind == "host" and (folder / "config.json").exists() and component != "one_step":
                 entry["roofline"] = _efficiency(measured, folder, device)
             measurements.append(entry)
     return {"device": device.name, "device_description": device.device, "backend": config.backend,

@@ -18,8 +18,10 @@ from .. import modelio
 from ..compress.pt2e_int8 import build_int8
 from ..compress.unet_graph import UNet
 from ..errors import UserError
+from .runtime import guidance_frequencies, one_step_affine, scheduler_from_config
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+STATIC = ("one_step",)  # traced at the model's own shapes in every format
 EXAMPLE_SEED = 1234
 
 
@@ -91,6 +93,60 @@ class VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
+class OneStepImage(torch.nn.Module):
+    """A one-step student's whole image as one program: starting noise and text states in, the image out.
+
+    At one step the UNet, the sampler's step and the VAE decoder each run once per image; as one
+    program an app makes one call per image and nothing runs between the parts. The step is the
+    scheduler's own (`runtime.one_step_affine`). A student with guidance in its weights takes the
+    guidance scale as an input and embeds it as diffusers' pipelines do.
+    """
+
+    def __init__(self, unet: torch.nn.Module, decoder: torch.nn.Module, timestep: int, keep: float, weight: float,
+                 scaling: float, guidance_dim: int | None):
+        super().__init__()
+        self.unet, self.decoder = unet, decoder
+        self.timestep, self.keep, self.weight, self.scaling = float(timestep), keep, weight, scaling
+        self.guidance_dim = guidance_dim
+        if guidance_dim:
+            self.register_buffer("frequencies", torch.from_numpy(guidance_frequencies(guidance_dim)), persistent=False)
+
+    def unet_inputs(self, sample, encoder_hidden_states, guidance=None) -> dict[str, torch.Tensor]:
+        """What the UNet inside is called with: its export's names and order."""
+        inputs = {"sample": sample, "timestep": torch.tensor(self.timestep), "encoder_hidden_states": encoder_hidden_states}
+        if self.guidance_dim:
+            angles = (guidance - 1.0) * 1000.0 * self.frequencies
+            embedded = torch.cat([torch.sin(angles), torch.cos(angles)])
+            inputs["timestep_cond"] = torch.nn.functional.pad(embedded, (0, self.guidance_dim % 2))[None]
+        return inputs
+
+    def forward(self, sample, encoder_hidden_states, guidance=None):
+        output = self.unet(*self.unet_inputs(sample, encoder_hidden_states, guidance).values())
+        return self.decoder((self.keep * sample + self.weight * output) / self.scaling)
+
+    def unet_part(self, inputs: dict[str, torch.Tensor]) -> "Component":
+        """The UNet inside as a component, fed what `inputs` (the program's) give it: what int8 is built on."""
+        return Component("unet", self.unet, self.unet_inputs(*inputs.values()), ["out_sample"])
+
+    def with_unet(self, unet: torch.nn.Module) -> "OneStepImage":
+        """The same program around another graph of the UNet (its int8 one)."""
+        return OneStepImage(unet, self.decoder, self.timestep, self.keep, self.weight, self.scaling, self.guidance_dim)
+
+
+def one_step_component(pipe, latent_size: int, tokens: int) -> Component:
+    """The one-step program of a pipeline whose scheduler steps affinely (DDIM, LCM), batch one."""
+    if modelio.is_sdxl(pipe):
+        raise UserError("one_step takes an SD-1.x/2.x student; an SDXL one's added conditions are not built in")
+    unet = unet_component(pipe.unet, latent_size, 1, tokens)
+    guidance_dim = pipe.unet.config.get("time_cond_proj_dim")
+    module = OneStepImage(unet.module, VaeDecoder(pipe.vae).eval(), *one_step_affine(scheduler_from_config(
+        dict(pipe.scheduler.config))), float(pipe.vae.config.scaling_factor), guidance_dim).eval()
+    inputs = {"sample": unet.inputs["sample"], "encoder_hidden_states": unet.inputs["encoder_hidden_states"]}
+    if guidance_dim:
+        inputs["guidance"] = torch.tensor(7.5)
+    return Component("one_step", module, inputs, ["image"], {}, "unet")
+
+
 def unet_component(unet, latent_size: int, batch: int | None = None, tokens: int = 77) -> Component:
     """The UNet's wrapper with example inputs at `batch`, by default the batch one sampling step calls it with
     (`modelio.unet_batch`: 1 for a student with guidance embedded). Formats with static shapes (ExecuTorch, int8
@@ -143,6 +199,7 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
             "vae_encoder", VaeEncoder(pipe.vae).eval(),
             {"sample": torch.rand(1, 3, latent_size * factor, latent_size * factor, generator=seeded()) * 2 - 1},
             ["latent_parameters"], {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}, "vae"),
+        "one_step": lambda: one_step_component(pipe, latent_size, tokens),
         "vae_decoder": lambda: Component(
             "vae_decoder", VaeDecoder(pipe.vae).eval(),
             {"latent_sample": torch.randn(1, pipe.vae.config.latent_channels, latent_size, latent_size,
@@ -174,6 +231,14 @@ def require_saved_int8(fmt: str, backends: tuple[str, ...], quantized_for: str |
     if quantized_for not in backends:
         made = f"this UNet was quantized for {quantized_for}" if quantized_for else "this model is not quantized"
         raise UserError(f"{fmt} int8 ships the UNet `pocketdiff quantize --backend {'|'.join(backends)}` makes; {made}")
+
+
+def with_int8_unet(component: Component, build) -> torch.nn.Module:
+    """The module a format exports at int8: `build(unet_component)` (the UNet's int8 graph) for the UNet, and
+    the one-step program around it for `one_step`."""
+    if component.name == "one_step":
+        return component.module.with_unet(build(component.module.unet_part(component.inputs)))
+    return build(component)
 
 
 def saved_int8_unet(fmt: str, backends: tuple[str, ...], unet, args: tuple, quantization: tuple[dict, dict] | None):

@@ -26,7 +26,7 @@ from ..compress import pt2e_int8
 from ..compress.backends import int8_backends
 from ..compress.unet_graph import classic_attention
 from ..errors import UserError
-from .components import Component, quiet_tracing
+from .components import Component, quiet_tracing, with_int8_unet
 from .layout import write_optimum_layout
 from .protocol import ExportFormat
 from .runtime import ExecuTorchModel
@@ -117,7 +117,7 @@ def export_component(component: Component, folder: Path, precision: str, config,
     elif component.name.startswith("text_encoder"):
         module = pt2e_int8.dynamic_int8_linears(component.module, args)
     else:
-        module = quantize_int8(component, calibration, quantization)
+        module = with_int8_unet(component, lambda unet: quantize_int8(unet, calibration, quantization))
     try:
         buffer = lower(module, args, backends)
     except UserError:

@@ -30,8 +30,9 @@ from .formats import FORMATS
 from .lcm import LCM
 from .prompt_table import write_prompt_table
 from .runtime import ExportedPipeline
-from .components import PIPELINE_COMPONENTS, model_components, pipeline_component_names, trace_latent_size
+from .components import PIPELINE_COMPONENTS, STATIC, model_components, pipeline_component_names, trace_latent_size
 
+UNET_PROGRAMS = ("unet", "one_step")  # the components that hold the UNet, and its quantization
 Format = Literal[tuple(FORMATS)]  # the registry's names, as the config's schema lists them
 
 
@@ -43,9 +44,10 @@ class ExportConfig(BaseModel):
     to: list[Format] = Field(default_factory=lambda: ["onnx"], min_length=1, description="The formats.")
     precision: Literal["fp32", "fp16", "int8"] | None = Field(
         None, description="Default: each format's (Core ML fp16; int8 for a model `quantize` made for the format).")
-    components: list[Literal["text_encoder", "unet", "vae_encoder", "vae_decoder"]] = Field(
+    components: list[Literal["text_encoder", "unet", "vae_encoder", "vae_decoder", "one_step"]] = Field(
         default_factory=lambda: list(PIPELINE_COMPONENTS), min_length=1,
-        description="The components exported (an SDXL pipeline's text_encoder is both its encoders).")
+        description="The components exported (an SDXL pipeline's text_encoder is both its encoders; one_step: a "
+                    "one-step student's UNet, sampler step and VAE decoder as one program, ONNX and ExecuTorch).")
     executorch_backends: list[str] = Field(default_factory=lambda: ["xnnpack"], min_length=1,
                                            description="ExecuTorch partitioners: xnnpack, coreml, mps, vulkan, qnn.")
     prompts: list[str] = Field(default_factory=lambda: ["a red circle", "a triangle above a cross"], min_length=1,
@@ -70,6 +72,9 @@ class ExportConfig(BaseModel):
 
     @model_validator(mode="after")
     def core_ml_options_need_its_unet(self):
+        if "coreml" in self.to and "one_step" in self.components:
+            raise ValueError("one_step is not a Core ML component: Apple's Swift pipeline calls the UNet and the "
+                             "decoder apart; export one_step to onnx or executorch")
         for option, asked in (("chunk_unet", self.chunk_unet), ("coreml_attention", self.coreml_attention != "original"),
                               ("unet_batch_one", self.unet_batch_one)):
             if asked and ("coreml" not in self.to or "unet" not in self.components):
@@ -121,10 +126,11 @@ TEXT_ENCODER_INT8 = {"onnx": "onnxruntime dynamic int8: MatMul weights int8 per 
 
 def component_precision(name: str, precision: str, config: ExportConfig) -> str:
     """int8 is the UNet's, where the time goes at many steps; at one step the text encoder costs as much, so
-    `text_encoder_int8` makes it int8 too, in every format. The VAE stays float (the usual deployment)."""
+    `text_encoder_int8` makes it int8 too, in every format. The VAE stays float (the usual deployment); the
+    one-step program is int8 where its UNet is."""
     if name.startswith("text_encoder") and config.text_encoder_int8:
         return "int8"
-    return "fp32" if precision == "int8" and name != "unet" else precision
+    return "fp32" if precision == "int8" and name not in UNET_PROGRAMS else precision
 
 
 def precision_for(fmt: str, ref: modelio.ModelRef, config: ExportConfig) -> str:
@@ -147,19 +153,22 @@ def export_one(fmt: str, name: str, ref: modelio.ModelRef, pipe, config: ExportC
     own_precision = component_precision(name, precision_for(fmt, ref, config), config)
     # a dynamic-shape trace needs a latent big enough not to specialise; an int8 UNet graph is fixed at the
     # model's own (a text encoder's dynamic int8 keeps its dynamic batch)
-    dynamic = export_format.dynamic_shapes and (own_precision != "int8" or name != "unet")
+    dynamic = export_format.dynamic_shapes and name not in STATIC and (own_precision != "int8" or name != "unet")
     size = trace_latent_size(modelio.unet_config(ref)) if dynamic else None
     (component,) = model_components(ref, pipe, (name,), size)
     component = export_format.adapt(component, pipe, ref, config)
     began = time.perf_counter()
-    quantization = read_quantization(ref) if name == "unet" else None
+    quantization = read_quantization(ref) if name in UNET_PROGRAMS else None
+    if own_precision == "int8" and name == "one_step" and quantization is None:
+        raise UserError("an int8 one-step program ships the UNet `pocketdiff quantize` made; quantize the student "
+                        "or export it fp32")
     extra = {"quantization": quantization}
     if own_precision == "int8" and name == "unet" and pipe is not None and quantization is None:
         extra["calibration"] = record_unet_inputs(pipe, config.prompts, config.steps, config.guidance)
     path = export_format.export_component(component, out / name, own_precision, config, **extra)
     entry = {"file": str(path.relative_to(out)), "precision": own_precision, "bytes": export_format.file_bytes(path),
              "export_seconds": round(time.perf_counter() - began, 2)}
-    note = (_quantization_note(fmt, export_format, own_precision, quantization) if name == "unet"
+    note = (_quantization_note(fmt, export_format, own_precision, quantization) if name in UNET_PROGRAMS
             else TEXT_ENCODER_INT8[fmt] if own_precision == "int8" else None)
     if note:
         entry["quantization"] = note
@@ -193,7 +202,7 @@ def _export_in_worker(fmt: str, name: str, path: str, allow_pickle: bool, config
 def _cost(job: tuple[str, str]) -> int:
     """A rough rank of export times: ExecuTorch lowering is the slowest format, the UNet the largest component."""
     fmt, name = job
-    return (3 if fmt == "executorch" else 1) * (4 if name == "unet" else 1)
+    return (3 if fmt == "executorch" else 1) * (4 if name in UNET_PROGRAMS else 1)
 
 
 def export_components(jobs: list[tuple[str, str]], ref: modelio.ModelRef, pipe, config: ExportConfig, out: Path,
@@ -240,16 +249,22 @@ def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
         report["prompt_embeddings"] = write_prompt_table(pipe, fixed_prompts, out)
         prompts = prompts if "text_encoder" in names else fixed_prompts[:2]
     texts = "text_encoder" in names or fixed_prompts
-    if ref.kind == "pipeline" and export_format.runs_pipeline and texts and {"unet", "vae_decoder"} <= set(names):
-        exported_pipe = ExportedPipeline(out, fmt)
+    parts = {"unet", "vae_decoder"} <= set(names)
+    if ref.kind == "pipeline" and export_format.runs_pipeline and texts and (parts or "one_step" in names):
+        exported_pipe = ExportedPipeline(out, fmt, one_step=False)
         latents = exported_pipe.initial_latents(len(prompts), seed)
         # LCM adds fresh noise between steps, drawn by numpy here and by torch there: compare the one noise-free step
-        steps = 1 if isinstance(exported_pipe.scheduler, LCM) else config.steps
-        ours = exported_pipe(prompts, steps, config.guidance, latents=latents)
-        theirs = torch_images(pipe, prompts, steps, config.guidance, latents)
-        report["image_psnr"] = parity.psnr(ours, theirs)
+        steps = 1 if isinstance(exported_pipe.scheduler, LCM) or not parts else config.steps
+        checks = {"image_psnr": (exported_pipe, steps, config.guidance)} if parts else {}
+        if "one_step" in names:  # at the guidance it computes: embedded, else none
+            checks["one_step_image_psnr"] = (ExportedPipeline(out, fmt), 1,
+                                             config.guidance if exported_pipe.guidance_dim else 1.0)
+        for key, (runner, check_steps, guidance) in checks.items():
+            ours = runner(prompts, check_steps, guidance, latents=latents)
+            report[key] = parity.psnr(ours, torch_images(pipe, prompts, check_steps, guidance, latents))
+            log(f"{fmt} end-to-end{' (one-step program)' if key.startswith('one') else ''}: "
+                f"image PSNR {report[key]:.2f} dB vs PyTorch")
         report["image_check"] = {"prompts": prompts, "steps": steps, "guidance": config.guidance, "seed": seed}
-        log(f"{fmt} end-to-end: image PSNR {report['image_psnr']:.2f} dB vs PyTorch")
     parity.write_report(report, out, config.thresholds)
     return report
 

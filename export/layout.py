@@ -24,6 +24,6 @@ def write_optimum_layout(ref: modelio.ModelRef, out: Path, names: list[str], _co
     for tokenizer in (out / "tokenizer", out / "tokenizer_2"):
         if tokenizer.is_dir() and not (tokenizer / "vocab.json").exists():
             write_vocab_and_merges(tokenizer, tokenizer)  # apps' BPE readers want CLIP's two files
-    for name in names:
-        source = ref.path / ("vae" if name.startswith("vae") else name) / "config.json"
+    for name in names:  # a one-step program carries its UNet's config: latent shape, guidance embedding
+        source = ref.path / ("vae" if name.startswith("vae") else "unet" if name == "one_step" else name) / "config.json"
         shutil.copy2(source, out / name / "config.json")

@@ -29,7 +29,7 @@ from ..compress.backends import BACKENDS, W4A8, int8_backends
 from ..compress.brevitas_w4a8 import export_qcdq, rebuild
 from ..compress.unet_graph import traced
 from ..errors import UserError
-from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet
+from .components import Component, quiet_tracing, require_saved_int8, saved_int8_unet, with_int8_unet
 from .layout import write_optimum_layout
 from .protocol import ExportFormat
 from .runtime import OnnxModel
@@ -85,14 +85,18 @@ def export_component(component: Component, folder: Path, precision: str, _config
     args = tuple(component.inputs.values())
     dynamic = None if int8 else _dynamic_shapes(component)
     large = _param_bytes(component.module) > _TWO_GB * (0.5 if precision == "fp16" else 1.0)
+    w4a8 = int8 and quantization is not None and isinstance(BACKENDS[quantization[0]["backend"]], W4A8)
+    if w4a8 and component.name == "one_step":
+        raise UserError("a brevitas W4A8 UNet is written by brevitas alone, not inside a one-step program; "
+                        "export one_step fp32, or the unet")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with quiet_tracing():
-            if int8 and quantization is not None and isinstance(BACKENDS[quantization[0]["backend"]], W4A8):
+            if w4a8:
                 export_qcdq(_w4a8_unet(component, quantization), args, path, list(component.inputs), component.outputs, OPSET)
             else:
-                module = (saved_int8_unet("ONNX", INT8_BACKENDS, component.module.unet, args, quantization) if int8
-                          else component.module)
+                module = with_int8_unet(component, lambda unet: saved_int8_unet(
+                    "ONNX", INT8_BACKENDS, unet.module.unet, tuple(unet.inputs.values()), quantization)) if int8 else component.module
                 torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET,
                                   input_names=list(component.inputs), output_names=component.outputs,
                                   dynamic_shapes=dynamic, optimize=False, external_data=large, verbose=False)

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import UserError
 
 
+IMAGE_CHECKS = {"image_psnr": "end-to-end", "one_step_image_psnr": "one-step program end-to-end"}  # report key: what
+
+
 class ParityThresholds(BaseModel):
     """Limits per precision: fp32 is held to float rounding; fp16 and int8 to image quality."""
 
@@ -75,12 +78,13 @@ def write_report(report: dict, out: Path, thresholds: ParityThresholds) -> None:
         entry["ok"] = why is None
         if why:
             failures.append(f"{report['format']} {name}: {why}")
-    if "image_psnr" in report:
-        int8_part = any(entry.get("precision") == "int8" for entry in report["components"].values())
-        why = image_failure(report["image_psnr"], "int8" if int8_part else precision, thresholds)
-        report["image_ok"] = why is None
-        if why:
-            failures.append(f"{report['format']} end-to-end: {why}")
+    int8_part = any(entry.get("precision") == "int8" for entry in report["components"].values())
+    for key, what in IMAGE_CHECKS.items():
+        if key in report:
+            why = image_failure(report[key], "int8" if int8_part else precision, thresholds)
+            report[key.replace("psnr", "ok")] = why is None
+            if why:
+                failures.append(f"{report['format']} {what}: {why}")
     report["thresholds"] = thresholds.model_dump()
     report["ok"] = not failures
     Path(out).mkdir(parents=True, exist_ok=True)

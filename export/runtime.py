@@ -4,7 +4,8 @@
 what an app ships. `ExecuTorchModel` runs a `.pte` through ExecuTorch's own runtime (the same
 runtime a phone links), which takes torch tensors at its Python boundary. `ExportedPipeline` is the
 text → image loop over either: tokenizer, classifier-free guidance (or a student's embedded
-guidance), DDIM or LCM, VAE decode.
+guidance), DDIM or LCM, VAE decode; or, for a one-step student exported with its `one_step`
+program, that program's one call from noise and text states to the image.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .ddim import DDIM
 from .lcm import LCM
 
 BACKEND_FILES = {"onnx": "model.onnx", "executorch": "model.pte"}
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "one_step")  # what a pipeline runs
 ETDUMP_NEEDS_EXECUTORCH = "ETDump is ExecuTorch's trace: --etdump needs --backend executorch"
 
 
@@ -98,7 +100,7 @@ class ExportedPipeline:
     `force_zeros_for_empty_prompt` the unconditional half is zeros, as diffusers does it.
     """
 
-    def __init__(self, folder: Path, backend: str, etdump: bool = False):
+    def __init__(self, folder: Path, backend: str, etdump: bool = False, one_step: bool = True):
         folder = Path(folder)
         if backend not in BACKEND_FILES:
             raise UserError(f"backend '{backend}' has no exported-pipeline runner (choose onnx or executorch)")
@@ -106,26 +108,31 @@ class ExportedPipeline:
             raise UserError(ETDUMP_NEEDS_EXECUTORCH)
         file = BACKEND_FILES[backend]
         table = folder / prompt_table.FILE
-        needed = ("unet", "vae_decoder") if table.exists() else ("text_encoder", "unet", "vae_decoder")
-        missing = [p for p in needed if not (folder / p / file).exists()]
+        present = {name for name in COMPONENTS if (folder / name / file).exists()}
+        missing = [] if table.exists() or "text_encoder" in present else ["text_encoder"]
+        if "one_step" not in present or {"unet", "vae_decoder"} & present:
+            missing += [name for name in ("unet", "vae_decoder") if name not in present]
         if missing:
             raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
         self.scheduler = scheduler_from_folder(folder / "scheduler")
-        self.models = {name: load_model(folder / name / file, etdump)
-                       for name in ("text_encoder", "text_encoder_2", "unet", "vae_decoder") if (folder / name / file).exists()}
-        self.unet, self.vae_decoder = self.models["unet"], self.models["vae_decoder"]
+        self.models = {name: load_model(folder / name / file, etdump) for name in COMPONENTS if name in present}
+        self.unet, self.vae_decoder = self.models.get("unet"), self.models.get("vae_decoder")
+        self.one_step = self.models.get("one_step") if one_step else None  # False: the UNet and decoder apart
         self.encoders = [(ClipBPE(folder / tokenizer), self.models[name], _read(folder / name / "config.json"))
                          for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
                          if name in self.models]
         self.table = prompt_table.PromptTable(table) if not self.encoders else None  # a fixed prompt set's states
-        unet_config, vae_config = _read(folder / "unet" / "config.json"), _read(folder / "vae_decoder" / "config.json")
+        unet_config = _read(folder / ("unet" if self.unet else "one_step") / "config.json")
         self.latent_channels, self.latent_size = unet_config["in_channels"], unet_config["sample_size"]
-        self.scaling = float(vae_config.get("scaling_factor", 0.18215))
         self.guidance_dim = unet_config.get("time_cond_proj_dim")  # a few-step student: guidance in its weights
-        self.unet_batch = self.unet.static_shapes.get("sample", (None,))[0]  # None: any batch
         self.sdxl = len(self.encoders) == 2
         index = folder / "model_index.json"
         self.zero_negative = self.sdxl and (_read(index) if index.exists() else {}).get("force_zeros_for_empty_prompt", True)
+        if self.unet is None:  # the one-step program alone
+            return
+        vae_config = _read(folder / "vae_decoder" / "config.json")
+        self.scaling = float(vae_config.get("scaling_factor", 0.18215))
+        self.unet_batch = self.unet.static_shapes.get("sample", (None,))[0]  # None: any batch
         image_size = self.latent_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
         self.time_ids = np.array([[image_size, image_size, 0, 0, image_size, image_size]], dtype=np.float32)
         known = {"sample", "timestep", "encoder_hidden_states"} | ({"timestep_cond"} if self.guidance_dim else set()) | (
@@ -189,6 +196,9 @@ class ExportedPipeline:
 
     def _one(self, prompt: str, steps: int, guidance: float, latent: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         cond = self.conditions(prompt)
+        if self._in_one_call(steps, guidance):
+            inputs = {"sample": latent[None].astype(np.float32), **cond, "guidance": np.array(guidance, dtype=np.float32)}
+            return _uint8(self.one_step(inputs)["image"][0])
         embedded = guidance_embedding(guidance, self.guidance_dim) if self.guidance_dim else None
         guided = guidance > 1.0 and embedded is None  # a student with guidance inside needs no unconditional pass
         if guided:
@@ -200,8 +210,21 @@ class ExportedPipeline:
             out = self._unet({"sample": np.concatenate([x, x]) if guided else x, **cond}, t)
             eps = out[:1] + guidance * (out[1:] - out[:1]) if guided else out
             x = self.scheduler.step(eps, int(t), x, steps, rng)
-        image = self.vae_decoder({"latent_sample": x / self.scaling})["sample"][0]
-        return (np.clip(image.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
+        return _uint8(self.vae_decoder({"latent_sample": x / self.scaling})["sample"][0])
+
+    def _in_one_call(self, steps: int, guidance: float) -> bool:
+        """Whether the one-step program makes this image: one step, and guidance it computes (embedded, or none)."""
+        if self.one_step is not None and steps == 1 and (self.guidance_dim or guidance <= 1.0):
+            return True
+        if self.unet is None:
+            raise UserError("this export has only the one-step program: it samples in 1 step"
+                            + ("" if self.guidance_dim else " without guidance (--guidance 1)"))
+        return False
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    """A decoder's (3, H, W) image in [-1, 1] as (H, W, 3) uint8."""
+    return (np.clip(image.transpose(1, 2, 0) / 2 + 0.5, 0, 1) * 255).round().astype(np.uint8)
 
 
 def _read(path: Path) -> dict:
@@ -209,15 +232,40 @@ def _read(path: Path) -> dict:
 
 
 def scheduler_from_folder(folder: Path) -> DDIM | LCM:
+    return scheduler_from_config(_read(Path(folder) / "scheduler_config.json"))
+
+
+def scheduler_from_config(config: dict) -> DDIM | LCM:
     """The numpy sampler for a scheduler config: LCM's for LCMScheduler, deterministic DDIM for the rest."""
-    config = _read(Path(folder) / "scheduler_config.json")
     return LCM(config) if config.get("_class_name") == "LCMScheduler" else DDIM(config)
+
+
+def one_step_affine(scheduler: DDIM | LCM) -> tuple[int, float, float]:
+    """The one-step sampler as numbers: its timestep t, and its step x → keep·x + weight·output.
+
+    A single DDIM step, and LCM's last (it adds no noise), is affine in the sample and the UNet's
+    output for every prediction type, so a one-step program computes it in its graph with the
+    scheduler's own coefficients, read here from the numpy sampler itself. A step that is not
+    affine (DDIM's `clip_sample`) is refused.
+    """
+    t = int(scheduler.timesteps(1)[0])
+    zero, one = np.zeros(1, dtype=np.float32), np.ones(1, dtype=np.float32)
+    keep, weight = float(scheduler.step(zero, t, one, 1)[0]), float(scheduler.step(one, t, zero, 1)[0])
+    x, output = 4 * np.random.default_rng(0).standard_normal((2, 64), dtype=np.float32)
+    if not np.allclose(scheduler.step(output, t, x, 1), keep * x + weight * output, rtol=1e-4, atol=1e-4):
+        raise UserError("this scheduler's one step is not affine in the sample and the UNet's output "
+                        "(clip_sample?): no one-step program; export the unet and vae_decoder")
+    return t, keep, weight
+
+
+def guidance_frequencies(dim: int) -> np.ndarray:
+    """The sinusoid frequencies of diffusers' guidance embedding of width `dim`."""
+    half = dim // 2
+    return np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1))).astype(np.float32)
 
 
 def guidance_embedding(guidance: float, dim: int) -> np.ndarray:
     """`guidance − 1` embedded as diffusers' pipelines feed a guidance-distilled UNet, shape (1, dim)."""
-    half = dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1))).astype(np.float32)
-    angles = np.float32((guidance - 1.0) * 1000.0) * freqs
+    angles = np.float32((guidance - 1.0) * 1000.0) * guidance_frequencies(dim)
     emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(np.float32)
     return np.pad(emb, (0, dim % 2))[None]

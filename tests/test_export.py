@@ -56,6 +56,22 @@ def test_numpy_ddim_matches_diffusers(spacing, prediction):
         x = x_next
 
 
+def test_a_one_step_program_takes_the_samplers_own_step_and_refuses_a_clipping_one():
+    from pocketdiff.distill.zoo import scheduler_config
+    from pocketdiff.export.ddim import DDIM
+    from pocketdiff.export.lcm import LCM
+    from pocketdiff.export.runtime import one_step_affine
+
+    x, output = np.random.default_rng(1).standard_normal((2, 4, 8, 8), dtype=np.float32)
+    for sampler in (DDIM(scheduler_config()), DDIM({**scheduler_config(), "prediction_type": "v_prediction"}),
+                    LCM({**scheduler_config(), "prediction_type": "sample"})):
+        t, keep, weight = one_step_affine(sampler)
+        assert t == sampler.timesteps(1)[0] == 999
+        np.testing.assert_allclose(keep * x + weight * output, sampler.step(output, t, x, 1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="one step is not affine"):
+        one_step_affine(DDIM({**scheduler_config(), "clip_sample": True}))
+
+
 def test_onnx_layout_is_optimums(onnx_export):
     import onnx
 
@@ -144,6 +160,7 @@ def test_parity_failure_names_component_and_exits_2(tiny_pipeline, tmp_path):
                                                 "coreml-w8a8` makes; this model is not quantized"),
     (["--components", "safety_checker"], "components.0: Input should be"),
     (["--to", "onnx", "--chunk-unet"], "chunk_unet is a Core ML UNet option: export the unet to coreml"),
+    (["--to", "coreml", "--components", "one_step"], "one_step is not a Core ML component"),
     (["--to", "onnx", "--coreml-attention", "split_einsum"], "coreml_attention is a Core ML UNet option"),
     (["--to", "coreml", "--coreml-attention", "einsum"], "coreml_attention: Input should be 'original', 'split_einsum' or 'split_einsum_v2'"),
 ])

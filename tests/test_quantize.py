@@ -212,12 +212,16 @@ def test_executorch_int8_export_ships_the_quantized_graph(ptq, tiny_pipeline, tm
     from pocketdiff.export.parity import ParityThresholds
 
     # random weights with every conv int8 lose more than a trained model does (the default keeps its judge scores)
-    config = ExportConfig(to=["onnx", "executorch"], components=["text_encoder", "unet", "vae_decoder"],
+    config = ExportConfig(to=["onnx", "executorch"], components=["text_encoder", "unet", "vae_decoder", "one_step"],
                           steps=2, thresholds=ParityThresholds(psnr_int8=20), workers=2)
     reports = export_model(modelio.open_model(ptq[0]), config, tmp_path, log=lambda _: None)
     report, unet = reports["executorch"], reports["executorch"]["components"]["unet"]
     assert report["ok"] and report["image_psnr"] >= 20 and unet["precision"] == "int8"  # int8 unasked
     assert unet["quantization"] == "saved: xnnpack int8, post-training, conv+linear"
+    one_step = report["components"]["one_step"]  # the one-step program holds the same int8 graph
+    assert one_step["precision"] == "int8" and one_step["quantization"] == unet["quantization"]
+    assert report["one_step_image_psnr"] >= 20 and one_step["bytes"] < unet["bytes"] + 2 * report["components"]["vae_decoder"]["bytes"]
+    assert reports["onnx"]["components"]["one_step"]["precision"] == "fp32" and reports["onnx"]["one_step_image_psnr"] >= 40
     onnx_unet = reports["onnx"]["components"]["unet"]
     assert onnx_unet["precision"] == "fp32" and onnx_unet["quantization"].startswith("not applied: onnx fp32")
     assert reports["onnx"]["image_psnr"] >= 40  # the float weights, matching PyTorch's float pipeline

@@ -288,18 +288,50 @@ def test_numpy_lcm_sampler_matches_diffusers():
         x = x_next
 
 
-def test_an_lcm_student_exports_to_onnx_and_runs_without_guidance_pairs(lcm_student, tmp_path):
+def test_an_lcm_student_exports_without_guidance_pairs_and_its_one_step_image_as_one_program(lcm_student, tmp_path):
+    """In ONNX the student's UNet runs once per step (guidance in its weights), and at one step its UNet, sampler
+    step and decoder run as one program: the image of the parts. In ExecuTorch too, exported alone with a fixed
+    prompt set's states, as an app that samples in one step from a few prompts ships it."""
+    from pocketdiff.devices.profile import ProfileConfig, profile
     from pocketdiff.export.exporter import ExportConfig, export_model
+    from pocketdiff.export.parity import psnr
     from pocketdiff.export.runtime import ExportedPipeline
 
     folder, _ = lcm_student
-    report = export_model(modelio.open_model(folder), ExportConfig(to=["onnx"]), tmp_path, log=lambda _: None)
-    assert report["onnx"]["image_check"]["steps"] == 1 and report["onnx"]["image_psnr"] >= 40
-    exported = ExportedPipeline(tmp_path / "onnx", "onnx")
+    config = ExportConfig(to=["onnx"], components=["text_encoder", "unet", "vae_decoder", "one_step"])
+    report = export_model(modelio.open_model(folder), config, tmp_path, log=lambda _: None)["onnx"]
+    assert report["ok"] and report["image_check"]["steps"] == 1 and report["image_psnr"] >= 40
+    assert report["one_step_image_psnr"] >= 40 and report["components"]["one_step"]["max_abs"] < 1e-3
+    exported, parts = ExportedPipeline(tmp_path / "onnx", "onnx"), ExportedPipeline(tmp_path / "onnx", "onnx", one_step=False)
+    assert exported.one_step.input_names == ["sample", "encoder_hidden_states", "guidance"]
     calls = []
-    real = exported.unet
-    exported.unet = lambda inputs: calls.append(sorted(inputs)) or real(inputs)
+    for name in ("unet", "vae_decoder", "one_step"):
+        real = getattr(exported, name)
+        setattr(exported, name, lambda inputs, name=name, real=real: calls.append((name, sorted(inputs))) or real(inputs))
     images = exported(["rocket"], 4, 7.5, seed=3)
-    assert images.shape == (1, 32, 32, 3) and len(calls) == 4
-    assert calls[0] == ["encoder_hidden_states", "sample", "timestep", "timestep_cond"]
+    assert images.shape == (1, 32, 32, 3) and [name for name, _ in calls] == ["unet"] * 4 + ["vae_decoder"]
+    assert calls[0][1] == ["encoder_hidden_states", "sample", "timestep", "timestep_cond"]
     assert np.array_equal(images, exported(["rocket"], 4, 7.5, seed=3))  # seeded, between-step noise included
+    calls.clear()
+    prompts = ["rocket", "a red circle"]
+    images = {guidance: exported(prompts, 1, guidance, seed=5) for guidance in (7.5, 3.0)}
+    assert [name for name, _ in calls] == ["one_step"] * 4
+    for guidance, image in images.items():  # the guidance input is embedded as the pipeline embeds it
+        assert psnr(image, parts(prompts, 1, guidance, seed=5)) >= 40
+    assert not np.array_equal(images[7.5], images[3.0])
+
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")  # a fixed prompt set: no text encoder either
+    config = ExportConfig(to=["executorch"], components=["one_step"], prompt_embeddings=str(tmp_path / "prompts.txt"))
+    alone = export_model(modelio.open_model(folder), config, tmp_path / "alone", log=lambda _: None)["executorch"]
+    assert alone["ok"] and "image_psnr" not in alone and alone["one_step_image_psnr"] >= 40
+    app = ExportedPipeline(tmp_path / "alone" / "executorch", "executorch")
+    assert psnr(app(prompts, 1, 7.5, seed=5), images[7.5]) >= 40
+    with pytest.raises(UserError, match="only the one-step program: it samples in 1 step"):
+        app(prompts, 2, 7.5)
+
+    config = ProfileConfig(backend="executorch", components=["one_step"], runs=2, warmup=1)
+    (measured,) = profile(tmp_path / "alone", config, log=lambda _: None)["measurements"]
+    delegated = {op["op"]: op["delegated"] for op in measured["ops"]}
+    assert delegated["native_group_norm.out"] is False and any(delegated.values()) and "roofline" not in measured
+    with pytest.raises(ValueError, match="one_step is not a Core ML component"):
+        ProfileConfig(backend="coreml", components=["one_step"])

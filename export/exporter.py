@@ -262,8 +262,7 @@ def finish_format(fmt: str, ref: modelio.ModelRef, pipe, config: ExportConfig, o
         for key, (runner, check_steps, guidance) in checks.items():
             ours = runner(prompts, check_steps, guidance, latents=latents)
             report[key] = parity.psnr(ours, torch_images(pipe, prompts, check_steps, guidance, latents))
-            log(f"{fmt} end-to-end{' (one-step program)' if key.startswith('one') else ''}: "
-                f"image PSNR {report[key]:.2f} dB vs PyTorch")
+            log(f"{fmt} {parity.IMAGE_CHECKS[key]}: image PSNR {report[key]:.2f} dB vs PyTorch")
         report["image_check"] = {"prompts": prompts, "steps": steps, "guidance": config.guidance, "seed": seed}
     parity.write_report(report, out, config.thresholds)
     return report

@@ -18,7 +18,8 @@ from .. import modelio
 from ..compress.pt2e_int8 import build_int8
 from ..compress.unet_graph import UNet
 from ..errors import UserError
-from .runtime import guidance_frequencies, one_step_affine, scheduler_from_config
+from ..distill.diffusion import guidance_embedding
+from .runtime import one_step_affine, scheduler_from_config
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 STATIC = ("one_step",)  # traced at the model's own shapes in every format
@@ -108,16 +109,12 @@ class OneStepImage(torch.nn.Module):
         self.unet, self.decoder = unet, decoder
         self.timestep, self.keep, self.weight, self.scaling = float(timestep), keep, weight, scaling
         self.guidance_dim = guidance_dim
-        if guidance_dim:
-            self.register_buffer("frequencies", torch.from_numpy(guidance_frequencies(guidance_dim)), persistent=False)
 
     def unet_inputs(self, sample, encoder_hidden_states, guidance=None) -> dict[str, torch.Tensor]:
         """What the UNet inside is called with: its export's names and order."""
         inputs = {"sample": sample, "timestep": torch.tensor(self.timestep), "encoder_hidden_states": encoder_hidden_states}
         if self.guidance_dim:
-            angles = (guidance - 1.0) * 1000.0 * self.frequencies
-            embedded = torch.cat([torch.sin(angles), torch.cos(angles)])
-            inputs["timestep_cond"] = torch.nn.functional.pad(embedded, (0, self.guidance_dim % 2))[None]
+            inputs["timestep_cond"] = guidance_embedding(guidance.reshape(1), self.guidance_dim)
         return inputs
 
     def forward(self, sample, encoder_hidden_states, guidance=None):

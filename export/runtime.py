@@ -115,9 +115,9 @@ class ExportedPipeline:
         if missing:
             raise UserError(f"{folder}: not a {backend} pipeline export (missing {', '.join(f'{m}/{file}' for m in missing)})")
         self.scheduler = scheduler_from_folder(folder / "scheduler")
-        self.models = {name: load_model(folder / name / file, etdump) for name in COMPONENTS if name in present}
-        self.unet, self.vae_decoder = self.models.get("unet"), self.models.get("vae_decoder")
-        self.one_step = self.models.get("one_step") if one_step else None  # False: the UNet and decoder apart
+        used = present if one_step else present - {"one_step"}  # False: the UNet and decoder apart
+        self.models = {name: load_model(folder / name / file, etdump) for name in COMPONENTS if name in used}
+        self.unet, self.vae_decoder, self.one_step = (self.models.get(n) for n in ("unet", "vae_decoder", "one_step"))
         self.encoders = [(ClipBPE(folder / tokenizer), self.models[name], _read(folder / name / "config.json"))
                          for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
                          if name in self.models]
@@ -258,14 +258,10 @@ def one_step_affine(scheduler: DDIM | LCM) -> tuple[int, float, float]:
     return t, keep, weight
 
 
-def guidance_frequencies(dim: int) -> np.ndarray:
-    """The sinusoid frequencies of diffusers' guidance embedding of width `dim`."""
-    half = dim // 2
-    return np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1))).astype(np.float32)
-
-
 def guidance_embedding(guidance: float, dim: int) -> np.ndarray:
     """`guidance − 1` embedded as diffusers' pipelines feed a guidance-distilled UNet, shape (1, dim)."""
-    angles = np.float32((guidance - 1.0) * 1000.0) * guidance_frequencies(dim)
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * -(np.log(10000.0) / (half - 1))).astype(np.float32)
+    angles = np.float32((guidance - 1.0) * 1000.0) * freqs
     emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(np.float32)
     return np.pad(emb, (0, dim % 2))[None]

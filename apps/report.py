@@ -106,8 +106,8 @@ def _headline(record: StageRecord) -> str:
     if stage == "evaluate":
         return "; ".join(f"{key}: {headline(value):.3f}" for key, value in m.items() if SETTING.match(key))
     if stage == "export":
-        psnr = [f"{k.split('/')[0]}{' one-step program' if 'one_step' in k else ''} image {v:.1f} dB"
-                for k, v in m.items() if k.endswith("image_psnr")]
+        psnr = [f"{k.split('/')[0]} {IMAGE_CHECKS[k.split('/')[1]]}: image {v:.1f} dB"
+                for k, v in m.items() if k.split("/")[-1] in IMAGE_CHECKS]
         worst = max((v for k, v in m.items() if k.endswith("max_abs")), default=None)
         return ", ".join(psnr + ([f"worst max-abs {worst:.2e}"] if worst is not None else []))
     if stage == "profile":

@@ -35,7 +35,6 @@ class Component:
     inputs: dict[str, torch.Tensor]
     outputs: list[str]
     dynamic: dict[str, dict[int, str]] = field(default_factory=dict)
-    config_source: str = ""  # the pipeline subfolder whose config.json goes beside the exported file
 
     def run(self, inputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -141,7 +140,7 @@ def one_step_component(pipe, latent_size: int, tokens: int) -> Component:
     inputs = {"sample": unet.inputs["sample"], "encoder_hidden_states": unet.inputs["encoder_hidden_states"]}
     if guidance_dim:
         inputs["guidance"] = torch.tensor(7.5)
-    return Component("one_step", module, inputs, ["image"], {}, "unet")
+    return Component("one_step", module, inputs, ["image"])
 
 
 def unet_component(unet, latent_size: int, batch: int | None = None, tokens: int = 77) -> Component:
@@ -160,7 +159,7 @@ def unet_component(unet, latent_size: int, batch: int | None = None, tokens: int
     extra = tuple(inputs)[3:]
     dynamic = {"sample": {0: "batch_size", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch_size"}}
     dynamic.update({name: {0: "batch_size"} for name in extra})
-    return Component("unet", UNet(unet, extra).eval(), inputs, ["out_sample"], dynamic, "unet")
+    return Component("unet", UNet(unet, extra).eval(), inputs, ["out_sample"], dynamic)
 
 
 def trace_latent_size(unet_config: dict) -> int:
@@ -187,7 +186,7 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
         wrapper = TextEncoder(encoder, sdxl).eval()
         return Component(name, wrapper,
                          {"input_ids": torch.randint(0, encoder.config.vocab_size, (1, tokens), generator=seeded())},
-                         wrapper.outputs, {"input_ids": {0: "batch_size"}}, name)
+                         wrapper.outputs, {"input_ids": {0: "batch_size"}})
 
     made = {
         "text_encoder": lambda: text("text_encoder"),
@@ -195,13 +194,13 @@ def model_components(ref: modelio.ModelRef, pipe=None, names: tuple[str, ...] = 
         "vae_encoder": lambda: Component(
             "vae_encoder", VaeEncoder(pipe.vae).eval(),
             {"sample": torch.rand(1, 3, latent_size * factor, latent_size * factor, generator=seeded()) * 2 - 1},
-            ["latent_parameters"], {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}, "vae"),
+            ["latent_parameters"], {"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}}),
         "one_step": lambda: one_step_component(pipe, latent_size, tokens),
         "vae_decoder": lambda: Component(
             "vae_decoder", VaeDecoder(pipe.vae).eval(),
             {"latent_sample": torch.randn(1, pipe.vae.config.latent_channels, latent_size, latent_size,
                                           generator=seeded())},
-            ["sample"], {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}, "vae"),
+            ["sample"], {"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}}),
     }
     if sdxl:
         made["text_encoder_2"] = lambda: text("text_encoder_2")

@@ -41,7 +41,9 @@ def teacher_pairs(pipe, teacher_folder: Path, captions: list[str], alphas: torch
                   config: StepDistillConfig, batch: int = 64) -> Pairs:
     """`config.regression_pairs` prompts sampled by the guided teacher with DDIM ("trailing", as the default
     samples) from seeded noise, guidance drawn per pair; cached by teacher, prompts and settings."""
-    order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(config.seed))
+    # More pairs than captions: every caption once, then again in a new order, each time with new noise.
+    shuffle, rounds = torch.Generator().manual_seed(config.seed), -(-config.regression_pairs // len(captions))
+    order = torch.cat([torch.randperm(len(captions), generator=shuffle) for _ in range(rounds)])
     chosen = [captions[i] for i in order[:config.regression_pairs].tolist()]
     key = digest_of(hash_model_folder(teacher_folder), chosen, config.teacher_steps, config.guidance_min,
                   config.guidance_max, config.seed)

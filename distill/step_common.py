@@ -50,7 +50,8 @@ class StepDistillConfig(RunSettings, latent_data.DataSettings):
     regression_weight: float = Field(1.0, ge=0, description="dmd: weight of the regression to the teacher's samples; "
                                                             "0: distribution matching only.")
     regression_pairs: int = Field(1024, ge=1, description="dmd, ode: prompts the guided teacher samples once "
-                                                          "(teacher_steps DDIM steps).")
+                                                          "(teacher_steps DDIM steps); past the training set's "
+                                                          "captions, each comes again with new noise.")
     dm_min_step: int = Field(20, ge=0, description="dmd: lowest noise level of the distribution-matching gradient.")
     dm_max_step: int = Field(980, ge=0, description="dmd: highest noise level of the distribution-matching gradient.")
 

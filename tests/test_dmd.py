@@ -142,3 +142,19 @@ def test_dmd_trains_both_networks_and_stock_diffusers_samples_it_in_one_call(dmd
         "red apple", num_inference_steps=1, guidance_scale=7.5, output_type="np",
         generator=torch.Generator().manual_seed(0)).images
     assert np.allclose(image, same, atol=1e-5)
+
+
+def test_more_pairs_than_captions_take_every_caption_again_with_new_noise(tiny_pipeline, image_folder):
+    model = modelio.open_model(tiny_pipeline)
+    pipe, config = modelio.load_pipeline(model), _config(image_folder)
+    alphas, final = steps._schedule(pipe)
+    captions = latents.training_batches(pipe, model, config, 0, config.batch)[0].captions
+    n = len(captions)
+    one_each = teacher_pairs(pipe, model.path, captions, alphas, final, _config(image_folder, regression_pairs=n))
+    more = teacher_pairs(pipe, model.path, captions, alphas, final, _config(image_folder, regression_pairs=n + 3))
+    assert len(one_each) == n and len(more) == n + 3
+    assert torch.equal(more.ids["ids"][:n], one_each.ids["ids"]) and torch.equal(more.noise[:n], one_each.noise)
+    firsts = {tuple(row.tolist()): i for i, row in enumerate(more.ids["ids"][:n])}
+    for j in range(n, n + 3):  # a caption again, from noise of its own
+        i = firsts[tuple(more.ids["ids"][j].tolist())]
+        assert not torch.allclose(more.noise[i], more.noise[j]) and not torch.allclose(more.sample[i], more.sample[j])

@@ -11,7 +11,8 @@ Rows: the fp32 model; for ExecuTorch, post-training int8 of the linear layers al
 --precision int8` does to a float model); post-training int8 of convolutions and linears; the same
 after QAT (palettes: post-training tables, then trained tables); with `--attention` (onnx-int8,
 coreml-w8a8), post-training int8 with the attention matmuls' operands too. Each quantized model is the one
-`pocketdiff quantize --backend B` writes, judged through its int8 graph (torch's reference int8
+`pocketdiff quantize --backend B` writes, calibrated (and trained) on trajectories of `--sample-steps` steps at
+`--guidance`, the calls it is judged on; judged through its int8 graph (torch's reference int8
 ops; a palette is its float weights) on the same in-distribution prompts and seeds: GenEval-style
 overall ↑ (and as a share of fp32's) and each family's pass rate, Fréchet distance ↓. Each is then
 exported to the backend's format (xnnpack: ExecuTorch; onnx-int8, brevitas-w4a8: ONNX; coreml-*:
@@ -71,7 +72,9 @@ def main() -> None:
     work, judge, model = Path(args.work), load_judge("default"), modelio.open_model(args.model)
     evaluation = EvaluateConfig(per_family=args.per_family, steps=[args.sample_steps], guidance=[args.guidance])
     key = f"in_distribution/steps={args.sample_steps}/guidance={args.guidance:g}"
-    fmt, common = FORMATS[args.backend], {"backend": args.backend, "prompts": args.calibration_prompts}
+    fmt = FORMATS[args.backend]
+    common = {"backend": args.backend, "prompts": args.calibration_prompts,  # calibrated on the calls it is judged on
+              "sampling_steps": args.sample_steps, "guidance": args.guidance}
     kind = {"coreml-palette4": "palette4", "coreml-palette6": "palette6", "brevitas-w4a8": "W4A8"}.get(args.backend, "int8")
     variants = {
         f"PTQ {kind}, linear": QuantizeConfig(layers="linear", keep=[], **common),
